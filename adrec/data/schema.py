@@ -1,0 +1,65 @@
+"""The three input tables of adrec: behaviour log, ad catalog, user profiles.
+
+A behaviour log has one row per event. Clicks and conversions name the impression
+they follow in ``impression_id``, the way ad servers stamp a click URL with the
+impression that produced it; that is how labels are joined without guessing.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+EVENT_TYPES = ("impression", "click", "conversion")
+
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+
+EVENTS = pa.schema(
+    [
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("ts", TIMESTAMP, nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("ad_id", pa.string(), nullable=False),
+        pa.field("event", pa.string(), nullable=False),
+        # The impression a click or conversion follows; null on impressions.
+        pa.field("impression_id", pa.string()),
+        # Context of the page view.
+        pa.field("slot", pa.string()),
+        pa.field("device", pa.string()),
+        # Synthetic logs only: the generator's true click probability of an impression.
+        pa.field("true_pctr", pa.float32()),
+    ]
+)
+EVENTS_REQUIRED = ("event_id", "ts", "user_id", "ad_id", "event")
+CONTEXT_FEATURES = ("slot", "device")
+
+ADS = pa.schema(
+    [
+        pa.field("ad_id", pa.string(), nullable=False),
+        pa.field("advertiser_id", pa.string()),
+        pa.field("campaign_id", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("bid", pa.float32()),
+        pa.field("tokens", pa.list_(pa.string())),
+    ]
+)
+AD_FEATURES = ("ad_id", "advertiser_id", "campaign_id", "category")
+
+USERS = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("age_bucket", pa.string()),
+        pa.field("gender", pa.string()),
+        pa.field("region", pa.string()),
+    ]
+)
+USER_FEATURES = ("user_id", "age_bucket", "gender", "region")
+
+
+def check_columns(names: list[str], required: list[str] | tuple[str, ...], what: str) -> None:
+    """Raise a ValueError naming every required column missing from ``names``."""
+    missing = [name for name in required if name not in names]
+    if missing:
+        raise ValueError(
+            f"{what} is missing column(s) {missing}; it has {list(names)}. "
+            "Rename the columns in the source or fix the data path."
+        )

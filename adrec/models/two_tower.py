@@ -1,0 +1,47 @@
+"""The two-tower model: S = U . V + b, with U from the user tower and V from the ad tower."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adrec.features import FeatureMap
+from adrec.models.towers import EmbeddingMLPTower
+
+
+class TwoTower(nn.Module):
+    """Scores (user, ad) pairs by the dot product of their tower outputs.
+
+    ``forward`` returns click logits (B,); sigmoid(logit) is the pCTR. The bias is one
+    scalar, so ranking ads for a user by U . V equals ranking them by pCTR.
+    """
+
+    def __init__(self, user_tower: nn.Module, ad_tower: nn.Module) -> None:
+        super().__init__()
+        self.user_tower = user_tower
+        self.ad_tower = ad_tower
+        self.logit_bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        user = self.user_tower(features)  # (B, D)
+        ad = self.ad_tower(features)  # (B, D)
+        return (user * ad).sum(dim=-1) + self.logit_bias
+
+
+def build_two_tower(
+    feature_map: FeatureMap,
+    embedding_dim: int,
+    hidden_dims: list[int],
+    output_dim: int,
+    id_dropout: float = 0.0,
+) -> TwoTower:
+    """Size both towers from ``feature_map``: user + context features on one side, ad features on the other."""
+
+    def tower(groups: tuple[str, ...], id_feature: str) -> EmbeddingMLPTower:
+        categorical = {n: feature_map.cardinality(n) for g in groups for n in feature_map.names(g, "categorical")}
+        sequences = {n: feature_map.cardinality(n) for g in groups for n in feature_map.names(g, "sequence")}
+        return EmbeddingMLPTower(
+            categorical, sequences, embedding_dim, hidden_dims, output_dim, id_features=[id_feature], id_dropout=id_dropout
+        )
+
+    return TwoTower(tower(("user", "context"), "user_id"), tower(("ad",), "ad_id"))

@@ -1,0 +1,128 @@
+"""Model artifacts: checkpoints and exported, versioned model directories.
+
+Weights are safetensors (loading never unpickles); every directory carries a
+``manifest.json`` with the sha256 of each file, verified before anything is loaded,
+so a corrupt or tampered artifact is refused instead of served.
+
+An exported model directory holds::
+
+    user_encoder.safetensors  user_encoder.json   the user (query) tower and its constructor args
+    ad_encoder.safetensors    ad_encoder.json     the ad tower and its constructor args
+    ad_embeddings.safetensors                     V for every catalog ad, (A, D), in ads.parquet order
+    ads.parquet  users.parquet  feature_map.json  what Serve needs to encode requests
+    model.json  metrics.json  manifest.json       bias, version, metrics, config, lineage, checksums
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adrec.models.towers import EmbeddingMLPTower
+from adrec.models.two_tower import TwoTower
+
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+CHECKPOINT_FORMAT = "adrec.checkpoint/1"
+MODEL_FORMAT = "adrec.model/1"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete, or does not match its recorded checksums."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, **fields) -> dict:
+    """Record the sha256 of every file in ``directory`` (but the manifest) with ``fields``."""
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = {**fields, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    return manifest
+
+
+def verify_manifest(directory: str | Path) -> dict:
+    """Return the manifest after checking every listed file; raise ArtifactError otherwise."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} has no {MANIFEST}: not an adrec artifact, refusing to load it")
+    manifest = json.loads(path.read_text())
+    for name, expected in manifest.get("files", {}).items():
+        file = directory / name
+        if not file.is_file():
+            raise ArtifactError(f"{file} is listed in the manifest but missing; the artifact is incomplete")
+        if sha256_file(file) != expected:
+            raise ArtifactError(f"{file} does not match its sha256 in {path}: corrupt or tampered, refusing to load it")
+    return manifest
+
+
+def _tower_from(config: dict) -> EmbeddingMLPTower:
+    return EmbeddingMLPTower(**config)
+
+
+def save_checkpoint(model: TwoTower, directory: str | Path, **fields) -> None:
+    """Write a training checkpoint: weights, constructor args, and a manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    config = {"format": CHECKPOINT_FORMAT, "user_tower": model.user_tower.config, "ad_tower": model.ad_tower.config}
+    (directory / "model.json").write_text(json.dumps(config, indent=2))
+    write_manifest(directory, format=CHECKPOINT_FORMAT, **fields)
+
+
+def load_checkpoint(directory: str | Path) -> TwoTower:
+    """Rebuild a TwoTower from a checkpoint directory after verifying its checksums."""
+    directory = Path(directory)
+    verify_manifest(directory)
+    config = json.loads((directory / "model.json").read_text())
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{directory} is not an adrec checkpoint (format {config.get('format')!r})")
+    model = TwoTower(_tower_from(config["user_tower"]), _tower_from(config["ad_tower"]))
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    return model.eval()
+
+
+def new_version() -> str:
+    return time.strftime("v%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000:06d}"
+
+
+def save_tower(tower: EmbeddingMLPTower, directory: Path, name: str) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}, directory / f"{name}.safetensors")
+    (directory / f"{name}.json").write_text(json.dumps(tower.config, indent=2))
+
+
+def load_tower(directory: str | Path, name: str) -> EmbeddingMLPTower:
+    """Load ``name`` (user_encoder or ad_encoder) from an exported, already verified model directory."""
+    directory = Path(directory)
+    tower = _tower_from(json.loads((directory / f"{name}.json").read_text()))
+    tower.load_state_dict(load_file(directory / f"{name}.safetensors"))
+    return tower.eval()
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A version directory as given, or the one a registry root's LATEST file names."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        return path / (path / LATEST).read_text().strip()
+    if (path / MANIFEST).is_file():
+        return path
+    raise ArtifactError(
+        f"{path} is neither an exported model directory (no {MANIFEST}) nor a registry root (no {LATEST}); "
+        "run jobs/export.py first or point model_dir at its output"
+    )
+
+
+def load_ad_embeddings(directory: str | Path) -> torch.Tensor:
+    return load_file(Path(directory) / "ad_embeddings.safetensors")["embeddings"]

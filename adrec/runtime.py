@@ -1,0 +1,44 @@
+"""Ray start-up and path handling shared by every job."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ray
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to Ray: an embedded local instance by default, a cluster when ``address`` is set.
+
+    Under ``ray job submit`` the job's environment names the cluster, so ``address=None``
+    joins it instead of starting a new one.
+    """
+    if ray.is_initialized():
+        return
+    # One print per worker line instead of two (see ../shared/RAY-NOTES.md).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray.init(address=address, num_cpus=num_cpus, log_to_driver=True, include_dashboard=False)
+
+
+def init_ray_from(cfg) -> None:
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """Absolute local path, or the URI unchanged (s3://, gs://, ...).
+
+    Train workers chdir into their run folder, so relative paths must be resolved on the driver.
+    """
+    text = str(path)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
