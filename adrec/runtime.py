@@ -42,3 +42,8 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 
 def read_json(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def print_result(result: dict) -> None:
+    """A job's result on stdout as JSON."""
+    print(json.dumps(result, indent=2, sort_keys=True, default=str), flush=True)

@@ -100,7 +100,8 @@ def build_world(cfg: GeneratorConfig) -> World:
     campaign = advertiser * 3 + rng.integers(0, 3, n_ads)
     ad_latent = category_vec[category] + rng.normal(0, 0.5, (n_ads, d))
     ad_quality = rng.normal(0, cfg.quality_std, n_ads)
-    ad_weight = rng.zipf(1.6, n_ads).clip(max=200).astype(float)
+    # Exposure skew of the logging policy: some ads are shown far more than others.
+    ad_weight = rng.lognormal(0, 0.8, n_ads)
 
     users = pa.table(
         {
@@ -149,13 +150,14 @@ def click_probability(world: World, cfg: GeneratorConfig, users: np.ndarray, ads
     return 1.0 / (1.0 + np.exp(-logit))
 
 
-def generate_shard(world: World, cfg: GeneratorConfig, shard: int, num_shards: int) -> pa.Table:
+def generate_shard(world: World, cfg: GeneratorConfig, shard: int) -> pa.Table:
     """One time-ordered slice of the log: impressions in [start, end) plus their clicks."""
     rng = np.random.default_rng([cfg.seed, shard])
     first = shard * cfg.rows_per_shard
     n = min(cfg.rows_per_shard, cfg.num_impressions - first)
     span_ms = cfg.days * 86_400_000
-    lo, hi = span_ms * shard // num_shards, span_ms * (shard + 1) // num_shards
+    # Time windows proportional to rows, so the log has a uniform event rate.
+    lo, hi = span_ms * first // cfg.num_impressions, span_ms * (first + n) // cfg.num_impressions
     offset_ms = np.sort(rng.integers(lo, hi, n))
     users = rng.choice(len(world.user_weight), n, p=world.user_weight)
     ads = rng.choice(len(world.ad_weight), n, p=world.ad_weight)
@@ -209,7 +211,7 @@ def write_logs(cfg: GeneratorConfig, out_dir: str | Path) -> dict:
     num_shards = math.ceil(cfg.num_impressions / cfg.rows_per_shard)
     counts = dict.fromkeys(schema.EVENT_TYPES, 0)
     for shard in range(num_shards):
-        table = generate_shard(world, cfg, shard, num_shards)
+        table = generate_shard(world, cfg, shard)
         pq.write_table(table, out / "events" / f"part-{shard:05d}.parquet")
         for kind, count in zip(*np.unique(table["event"].to_numpy(zero_copy_only=False), return_counts=True)):
             counts[str(kind)] += int(count)

@@ -65,7 +65,8 @@ def run(cfg) -> dict:
     summary = {
         "best_checkpoint": best.path,
         "best": best_metrics,
-        "epochs": result.metrics_dataframe.to_dict("records"),
+        # Every epoch's metrics, as the loop returned them (metrics_dataframe keeps only retained checkpoints).
+        "epochs": result.return_value["epochs"],
         "run_path": result.path,
         "seconds": round(time.time() - started, 1),
     }

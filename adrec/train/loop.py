@@ -68,7 +68,7 @@ def train_loop_per_worker(config: dict) -> dict:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
 
-    metrics: dict = {}
+    history: list[dict] = []
     for epoch in range(config["epochs"]):
         started, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
         for batch in train_shard.iter_torch_batches(
@@ -93,4 +93,5 @@ def train_loop_per_worker(config: dict) -> dict:
                 save_checkpoint(bare, tmp, epoch=epoch + 1, metrics=metrics)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-    return metrics
+        history.append(metrics)
+    return {"epochs": history}

@@ -1,0 +1,58 @@
+"""Export the best checkpoint as a versioned, self-describing model directory (see registry)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from adrec.inference import embed
+from adrec.registry import LATEST, MODEL_FORMAT, load_checkpoint, new_version, save_tower, write_manifest
+from adrec.runtime import read_json, resolve, write_json
+
+import pyarrow.parquet as pq
+
+
+def run(cfg) -> dict:
+    """Write ``models_dir/<version>/`` and point ``models_dir/LATEST`` at it; return its summary."""
+    prepared = Path(resolve(cfg.paths.prepared_dir))
+    trained = read_json(Path(resolve(cfg.paths.train_dir)) / "result.json")
+    metrics_path = Path(resolve(cfg.paths.eval_dir)) / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    model = load_checkpoint(trained["best_checkpoint"])
+
+    root = Path(resolve(cfg.paths.models_dir))
+    version = new_version()
+    staging = root / f".{version}.partial"  # renamed into place only when complete
+    staging.mkdir(parents=True)
+    save_tower(model.user_tower, staging, "user_encoder")
+    save_tower(model.ad_tower, staging, "ad_encoder")
+    catalog = pq.read_table(prepared / "ads.parquet")
+    save_file({"embeddings": embed(model.ad_tower, catalog).contiguous()}, staging / "ad_embeddings.safetensors")
+    for name in ("ads.parquet", "users.parquet", "feature_map.json"):
+        shutil.copy2(prepared / name, staging / name)
+    write_json(staging / "metrics.json", metrics)
+    write_json(
+        staging / "model.json",
+        {"format": MODEL_FORMAT, "version": version, "logit_bias": model.logit_bias.item(), "embedding_dim": model.user_tower.config["output_dim"]},
+    )
+    manifest = write_manifest(
+        staging,
+        format=MODEL_FORMAT,
+        version=version,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        lineage={
+            "checkpoint": trained["best_checkpoint"],
+            "train_run": trained.get("run_path"),
+            "prepared_dir": str(prepared),
+            "prepare_report": read_json(prepared / "report.json"),
+        },
+    )
+    final = root / version
+    staging.rename(final)
+    (root / LATEST).write_text(version + "\n")
+    return {"version": version, "model_dir": str(final), "files": manifest["files"]}

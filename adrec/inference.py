@@ -1,0 +1,32 @@
+"""Turning encoded rows into tower inputs and embeddings; shared by evaluation, export and Serve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+
+def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(N,) ints -> (N,); (N,) equal-length int lists -> (N, L)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):
+        return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.int64) if len(column) else np.empty((0, 0), np.int64)
+    return column.to_numpy(zero_copy_only=False)
+
+
+def to_features(batch: dict[str, np.ndarray] | pa.Table, names: list[str]) -> dict[str, torch.Tensor]:
+    """Select tower inputs ``names`` from a numpy dict or an Arrow table as int64 tensors."""
+    if isinstance(batch, pa.Table):
+        return {n: torch.from_numpy(column_to_numpy(batch[n]).astype(np.int64)) for n in names}
+    return {n: torch.from_numpy(np.asarray(batch[n]).astype(np.int64)) for n in names}
+
+
+@torch.no_grad()
+def embed(tower: nn.Module, rows: pa.Table, batch_size: int = 65_536) -> torch.Tensor:
+    """Tower outputs for every row of an encoded table (ads.parquet or users.parquet): (N, D)."""
+    names = tower.feature_names
+    parts = [tower(to_features(rows.slice(start, batch_size), names)) for start in range(0, rows.num_rows, batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, tower.config["output_dim"])

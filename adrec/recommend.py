@@ -1,0 +1,141 @@
+"""Online recommendation logic, free of Serve: request -> user features -> U -> top-k ads.
+
+Serve's deployments wrap these pieces; tests can call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from adrec.features import FeatureMap
+from adrec.inference import column_to_numpy
+from adrec.registry import load_ad_embeddings, resolve_model_dir, verify_manifest
+
+
+@dataclass
+class UserQuery:
+    """One request's user side. ``recent_ad_ids`` are most recent first; ``attributes`` and
+    ``context`` hold raw values (for example {"age_bucket": "25-34"}, {"slot": "top"})."""
+
+    user_id: str
+    recent_ad_ids: list[str] = field(default_factory=list)
+    attributes: dict[str, str] = field(default_factory=dict)
+    context: dict[str, str] = field(default_factory=dict)
+
+
+class UserStore:
+    """Encoded profile features and latest click history of every known user."""
+
+    def __init__(self, users: pa.Table, feature_map: FeatureMap) -> None:
+        self.index = {uid: i for i, uid in enumerate(users["raw_user_id"].to_pylist())}
+        self.attributes = {n: column_to_numpy(users[n]) for n in feature_map.names("user", "categorical") if n != "user_id"}
+        self.history = column_to_numpy(users["history"])  # (U, N)
+        self.history_len = column_to_numpy(users["history_len"])
+
+    def row(self, user_id: str) -> int | None:
+        return self.index.get(user_id)
+
+
+class FeatureBuilder:
+    """Builds the user tower's inputs for a batch of queries with the training transforms.
+
+    Raw values go through ``FeatureMap.encode``, as in preparation; known users' stored
+    profile fills attributes the request left out, and their stored history follows the
+    request's recent ads.
+    """
+
+    def __init__(self, feature_map: FeatureMap, store: UserStore) -> None:
+        self.feature_map = feature_map
+        self.store = store
+        self.attribute_names = [n for n in feature_map.names("user", "categorical") if n != "user_id"]
+        self.context_names = feature_map.names("context", "categorical")
+        self.history_length = feature_map.spec("history").max_len
+
+    def build(self, queries: list[UserQuery]) -> dict[str, np.ndarray]:
+        """(B,) int64 per categorical feature and (B, N) for ``history``."""
+        raw = {"user_id": pa.array([q.user_id for q in queries], pa.string())}
+        for name in self.attribute_names:
+            raw[name] = pa.array([q.attributes.get(name) for q in queries], pa.string())
+        for name in self.context_names:
+            raw[name] = pa.array([q.context.get(name) for q in queries], pa.string())
+        raw["history"] = pa.array([q.recent_ad_ids for q in queries], pa.list_(pa.string()))
+        encoded = self.feature_map.encode(pa.table(raw))
+        for i, query in enumerate(queries):
+            row = self.store.row(query.user_id)
+            if row is None:
+                continue
+            for name in self.attribute_names:
+                if name not in query.attributes:
+                    encoded[name][i] = self.store.attributes[name][row]
+            fresh = encoded["history"][i, : encoded["history_len"][i]]
+            stored = self.store.history[row, : self.store.history_len[row]]
+            merged = np.concatenate([fresh, stored])[: self.history_length]
+            encoded["history"][i] = 0
+            encoded["history"][i, : len(merged)] = merged
+            encoded["history_len"][i] = len(merged)
+        return encoded
+
+
+@dataclass
+class Recommendation:
+    ad_id: str
+    score: float
+    pctr: float
+    bid: float
+
+
+class AdIndex:
+    """Exact top-k over the catalog's ad embeddings by U . V."""
+
+    def __init__(self, ad_ids: list[str], bids: np.ndarray, embeddings: torch.Tensor, logit_bias: float) -> None:
+        self.ad_ids = ad_ids
+        self.bids = bids
+        self.embeddings = embeddings  # (A, D)
+        self.logit_bias = logit_bias
+
+    @torch.no_grad()
+    def top_k(self, user: torch.Tensor, k: int) -> list[list[Recommendation]]:
+        """user: (B, D) -> for each row, the k best ads, best first."""
+        scores = user @ self.embeddings.T  # (B, A)
+        best, index = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        pctr = torch.sigmoid(best + self.logit_bias)
+        return [
+            [
+                Recommendation(self.ad_ids[a], float(s), float(p), float(self.bids[a]))
+                for a, s, p in zip(index[b].tolist(), best[b].tolist(), pctr[b].tolist())
+            ]
+            for b in range(len(user))
+        ]
+
+
+@dataclass
+class ServingModel:
+    """Everything the ranking side needs from one exported model directory."""
+
+    version: str
+    model_dir: Path
+    features: FeatureBuilder
+    index: AdIndex
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "ServingModel":
+        model_dir = resolve_model_dir(model_dir)
+        manifest = verify_manifest(model_dir)
+        feature_map = FeatureMap.load(model_dir / "feature_map.json")
+        store = UserStore(pq.read_table(model_dir / "users.parquet"), feature_map)
+        catalog = pq.read_table(model_dir / "ads.parquet", columns=["raw_ad_id", "bid"])
+        meta = json.loads((model_dir / "model.json").read_text())
+        index = AdIndex(
+            catalog["raw_ad_id"].to_pylist(),
+            catalog["bid"].to_numpy(),
+            load_ad_embeddings(model_dir),
+            float(meta["logit_bias"]),
+        )
+        return cls(manifest["version"], model_dir, FeatureBuilder(feature_map, store), index)

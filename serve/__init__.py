@@ -1,0 +1,1 @@
+"""adrec's Ray Serve application (see app.py)."""

@@ -1,0 +1,80 @@
+"""One real local Ray session and one tiny end-to-end run, shared by the whole test session."""
+
+import os
+
+# Set before Ray is imported anywhere (see ../shared/RAY-NOTES.md): fast Train reports,
+# no token auth on the throwaway local cluster, quiet progress output.
+for key, value in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+}.items():
+    os.environ.setdefault(key, value)
+
+from pathlib import Path  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+import ray  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+TINY = [
+    "data.generator.num_impressions=20000",
+    "data.generator.rows_per_shard=8000",
+    "data.prepare.num_partitions=2",
+    "trainer.epochs=3",
+    "trainer.batch_size=512",
+    # Two workers exercise DDP and the cross-worker validation gather.
+    "trainer.num_workers=2",
+    "trainer.cpus_per_worker=0.5",
+]
+
+
+def compose_config(run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[f"run_dir={run_dir}", *TINY, *overrides])
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+BAD_EVENTS = [
+    # (event_id, user_id, event, impression_id) -> the reason preparation must give
+    ("bad-1", None, "impression", None),
+    ("bad-2", "u1", "purchase", None),
+    ("bad-3", "u1", "click", None),
+]
+
+
+def add_bad_events(events_dir: Path) -> None:
+    """Append a shard of rows that break the schema, to check they are quarantined, not lost."""
+    good = pq.read_table(next(events_dir.glob("*.parquet")))
+    template = good.slice(0, 1).to_pylist()[0]
+    rows = [{**template, "event_id": e, "user_id": u, "event": ev, "impression_id": imp} for e, u, ev, imp in BAD_EVENTS]
+    nullable = pa.schema([field.with_nullable(True) for field in good.schema])
+    pq.write_table(pa.Table.from_pylist(rows, schema=nullable), events_dir / "part-bad.parquet")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, tmp_path_factory):
+    """generate -> (bad rows added) -> prepare -> train -> evaluate -> export, each stage's run(cfg)."""
+    from adrec import export
+    from adrec.data import prepare, synthetic
+    from adrec.eval import evaluate
+    from adrec.train import driver
+
+    cfg = compose_config(tmp_path_factory.mktemp("run"))
+    results = {"cfg": cfg, "generate": synthetic.run(cfg)}
+    add_bad_events(Path(cfg.paths.raw_dir) / "events")
+    for name, stage in [("prepare", prepare.run), ("train", driver.run), ("evaluate", evaluate.run), ("export", export.run)]:
+        results[name] = stage(cfg)
+    return results
