@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import ray
+import ray.data
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -19,7 +20,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     # One print per worker line instead of two (see ../shared/RAY-NOTES.md).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(address=address, num_cpus=num_cpus, log_to_driver=True, include_dashboard=False)
+    ray.init(address=address, num_cpus=num_cpus)
+    # Our pipelines are many and short: one progress line per stage beats Ray Data's per-pipeline logs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def init_ray_from(cfg) -> None:

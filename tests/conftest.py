@@ -26,7 +26,9 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TINY = [
     "data.generator.num_impressions=20000",
     "data.generator.rows_per_shard=8000",
+    "data.generator.num_users=500",
     "data.prepare.num_partitions=2",
+    "data.prepare.min_count=20",  # high enough that some users and ads really are OOV
     "trainer.epochs=3",
     "trainer.batch_size=512",
     # Two workers exercise DDP and the cross-worker validation gather.

@@ -55,7 +55,8 @@ class GeneratorConfig:
 
     @property
     def users(self) -> int:
-        return self.num_users or max(100, self.num_impressions // 40)
+        # About 200 ad impressions per user over the log: enough to learn a user's interests.
+        return self.num_users or max(100, self.num_impressions // 200)
 
     @property
     def ads(self) -> int:

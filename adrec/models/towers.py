@@ -27,8 +27,8 @@ class EmbeddingMLPTower(nn.Module):
 
     categorical: {feature name: vocabulary cardinality}, each input (B,) int64.
     sequences: {feature name: vocabulary cardinality}, each input (B, L) int64 padded with PAD.
-    id_features: features hidden (set to OOV) for a random ``id_dropout`` share of training
-        rows, so the OOV row learns what an unknown user or ad looks like (cold start).
+    oov_dropout: share of training values of each categorical feature replaced by OOV, so every
+        OOV row learns what "unknown" means: a new user or ad, a missing attribute or context.
     Output: (B, output_dim).
     """
 
@@ -39,8 +39,7 @@ class EmbeddingMLPTower(nn.Module):
         embedding_dim: int,
         hidden_dims: list[int],
         output_dim: int,
-        id_features: list[str] | None = None,
-        id_dropout: float = 0.0,
+        oov_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         # Constructor arguments travel with the weights, so a tower rebuilds without the training config.
@@ -50,8 +49,7 @@ class EmbeddingMLPTower(nn.Module):
             "embedding_dim": embedding_dim,
             "hidden_dims": list(hidden_dims),
             "output_dim": output_dim,
-            "id_features": list(id_features or []),
-            "id_dropout": id_dropout,
+            "oov_dropout": oov_dropout,
         }
         self.embeddings = nn.ModuleDict({name: nn.Embedding(card, embedding_dim) for name, card in categorical.items()})
         # EmbeddingBag with padding_idx leaves PAD out of the mean; an empty sequence pools to zeros.
@@ -59,20 +57,19 @@ class EmbeddingMLPTower(nn.Module):
             {name: nn.EmbeddingBag(card, embedding_dim, mode="mean", padding_idx=PAD) for name, card in sequences.items()}
         )
         self.mlp = mlp(embedding_dim * (len(categorical) + len(sequences)), hidden_dims, output_dim)
-        self.id_features = set(id_features or [])
-        self.id_dropout = id_dropout
+        self.oov_dropout = oov_dropout
 
     @property
     def feature_names(self) -> list[str]:
         return list(self.embeddings) + list(self.pools)
 
-    def _hide_ids(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.id_dropout > 0 and name in self.id_features):
+    def _hide(self, ids: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.oov_dropout > 0):
             return ids
-        hidden = torch.rand(ids.shape, device=ids.device) < self.id_dropout
+        hidden = torch.rand(ids.shape, device=ids.device) < self.oov_dropout
         return torch.where(hidden, torch.full_like(ids, OOV), ids)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [emb(self._hide_ids(name, features[name])) for name, emb in self.embeddings.items()]
+        parts = [emb(self._hide(features[name])) for name, emb in self.embeddings.items()]
         parts += [pool(features[name]) for name, pool in self.pools.items()]
         return self.mlp(torch.cat(parts, dim=-1))

@@ -33,15 +33,13 @@ def build_two_tower(
     embedding_dim: int,
     hidden_dims: list[int],
     output_dim: int,
-    id_dropout: float = 0.0,
+    oov_dropout: float = 0.0,
 ) -> TwoTower:
     """Size both towers from ``feature_map``: user + context features on one side, ad features on the other."""
 
-    def tower(groups: tuple[str, ...], id_feature: str) -> EmbeddingMLPTower:
+    def tower(groups: tuple[str, ...]) -> EmbeddingMLPTower:
         categorical = {n: feature_map.cardinality(n) for g in groups for n in feature_map.names(g, "categorical")}
         sequences = {n: feature_map.cardinality(n) for g in groups for n in feature_map.names(g, "sequence")}
-        return EmbeddingMLPTower(
-            categorical, sequences, embedding_dim, hidden_dims, output_dim, id_features=[id_feature], id_dropout=id_dropout
-        )
+        return EmbeddingMLPTower(categorical, sequences, embedding_dim, hidden_dims, output_dim, oov_dropout=oov_dropout)
 
-    return TwoTower(tower(("user", "context"), "user_id"), tower(("ad",), "ad_id"))
+    return TwoTower(tower(("user", "context")), tower(("ad",)))
