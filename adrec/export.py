@@ -6,20 +6,19 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from adrec.inference import embed
 from adrec.registry import LATEST, MODEL_FORMAT, load_checkpoint, new_version, save_tower, write_manifest
-from adrec.runtime import read_json, resolve, write_json
-
-import pyarrow.parquet as pq
+from adrec.runtime import read_json, require, resolve, write_json
 
 
 def run(cfg) -> dict:
     """Write ``models_dir/<version>/`` and point ``models_dir/LATEST`` at it; return its summary."""
     prepared = Path(resolve(cfg.paths.prepared_dir))
-    trained = read_json(Path(resolve(cfg.paths.train_dir)) / "result.json")
+    trained = read_json(require(Path(resolve(cfg.paths.train_dir)) / "result.json", "jobs/train.py"))
     metrics_path = Path(resolve(cfg.paths.eval_dir)) / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     model = load_checkpoint(trained["best_checkpoint"])

@@ -47,6 +47,14 @@ def read_json(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def require(path: str | os.PathLike, made_by: str) -> Path:
+    """``path`` if it exists, else a FileNotFoundError saying which job makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run {made_by} with the same run_dir first")
+    return path
+
+
 def print_result(result: dict) -> None:
     """A job's result on stdout as JSON."""
     print(json.dumps(result, indent=2, sort_keys=True, default=str), flush=True)

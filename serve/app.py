@@ -9,6 +9,8 @@ Start it with ``serve run serve/config.yaml`` or ``serve run serve.app:build_app
 """
 
 
+from typing import Annotated
+
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException
@@ -21,6 +23,9 @@ from adrec.registry import load_tower, resolve_model_dir, verify_manifest
 from adrec.runtime import resolve
 
 MAX_ID_LENGTH = 256
+MAX_FIELDS = 16  # attributes and context entries per request
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 
 
 class EncoderArgs(BaseModel):
@@ -41,11 +46,15 @@ class AppArgs(BaseModel):
 
 
 class RecommendRequest(BaseModel):
-    user_id: str = Field(..., min_length=1, max_length=MAX_ID_LENGTH)
+    user_id: Id
     k: int = Field(10, ge=1)
-    recent_ad_ids: list[str] = Field(default_factory=list, description="ads the user clicked recently, most recent first")
-    attributes: dict[str, str] = Field(default_factory=dict, description="profile attributes, for users the model has not seen")
-    context: dict[str, str] = Field(default_factory=dict, description="page-view context, e.g. {'slot': 'top', 'device': 'mobile'}")
+    recent_ad_ids: list[Id] = Field(default_factory=list, description="ads the user clicked recently, most recent first")
+    attributes: dict[Id, Id] = Field(
+        default_factory=dict, max_length=MAX_FIELDS, description="profile attributes, for users the model has not seen"
+    )
+    context: dict[Id, Id] = Field(
+        default_factory=dict, max_length=MAX_FIELDS, description="page-view context, e.g. {'slot': 'top', 'device': 'mobile'}"
+    )
 
 
 class RecommendedAd(BaseModel):

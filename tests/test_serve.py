@@ -86,6 +86,9 @@ def test_recent_clicks_in_the_request_change_the_ranking(app_url, catalog):
         ({"user_id": "u1", "k": MAX_K + 1}, "k"),
         ({"user_id": "u1", "recent_ad_ids": ["a1"] * 6}, "recent_ad_ids"),
         ({"user_id": "u1", "context": "top"}, "context"),
+        ({"user_id": "u" * 300}, "user_id"),
+        ({"user_id": "u1", "recent_ad_ids": ["a" * 300]}, "recent_ad_ids"),
+        ({"user_id": "u1", "context": {f"key{i}": "v" for i in range(17)}}, "context"),
     ],
 )
 def test_malformed_requests_get_422_naming_the_field(app_url, body, field):

@@ -11,6 +11,7 @@ latest history. Every count goes into ``report.json``; read = kept + quarantined
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from functools import partial
@@ -157,6 +158,94 @@ def _serving_ads(ads: pa.Table, feature_map: FeatureMap) -> pa.Table:
     return pa.table(columns)
 
 
+def validate(events: ray.data.Dataset, p, out: Path) -> tuple[ray.data.Dataset, dict]:
+    """Tag every row valid or not, write the invalid ones to ``out/quarantine``, and count.
+
+    Returns the tagged dataset and {rows_read, rows_quarantined, by_reason, ts_min, ts_max};
+    raises when the quarantined share passes ``p.max_quarantine_fraction``.
+    """
+    tagged = events.map_batches(
+        tag_invalid, batch_format="pyarrow", fn_kwargs={"min_ts_ms": int(p.min_ts_ms), "max_ts_ms": int(p.max_ts_ms)}
+    ).materialize()
+    stats = merge_counts(tagged.map_batches(block_stats, batch_format="pyarrow"))
+    by_reason = {k: v for k, v in stats.get(REASON, {}).items() if k is not None}
+    summary = {
+        "rows_read": sum(stats[REASON].values()),
+        "rows_quarantined": sum(by_reason.values()),
+        "by_reason": by_reason,
+    }
+    if summary["rows_quarantined"]:
+        tagged.map_batches(invalid_rows, batch_format="pyarrow").write_parquet(str(out / "quarantine"))
+    share = summary["rows_quarantined"] / max(summary["rows_read"], 1)
+    if share > p.max_quarantine_fraction:
+        raise ValueError(
+            f"{summary['rows_quarantined']} of {summary['rows_read']} events ({share:.1%}) failed validation, above "
+            f"data.prepare.max_quarantine_fraction={p.max_quarantine_fraction}; reasons: {by_reason}. "
+            f"Inspect {out / 'quarantine'} and fix the source, or raise the threshold."
+        )
+    if "ts_min" not in stats:
+        raise ValueError("the event log has no valid rows: nothing to prepare")
+    summary["ts_min"], summary["ts_max"] = min(map(int, stats["ts_min"])), max(map(int, stats["ts_max"]))
+    return tagged, summary
+
+
+def time_cutoffs(t_min: int, t_max: int, split) -> tuple[int, int]:
+    """(train_end, validation_end) at fractions ``split.train`` and ``+ split.validation`` of the time span."""
+    span = t_max - t_min
+    return t_min + int(span * split.train), t_min + int(span * (split.train + split.validation))
+
+
+def labelled_examples(
+    kept: ray.data.Dataset, sources: dict, p, partitions: int, cutoffs: tuple[int, int]
+) -> ray.data.Dataset:
+    """One raw example per impression, with label, history, split, and user and ad attributes."""
+    examples = kept.repartition(partitions, keys=["user_id"], sort=True).map_batches(
+        build_examples,
+        batch_size=None,  # whole blocks: each holds every event of its users
+        batch_format="pyarrow",
+        fn_kwargs={"history_length": p.history_length, "cutoffs_ms": cutoffs},
+    )
+    users = read_parquet_checked(sources["users"], ("user_id",), "user profiles")
+    ads = read_parquet_checked(sources["ads"], ("ad_id", "bid"), "ad catalog")
+    return (
+        examples.join(users, "left_outer", partitions, on=("user_id",))
+        .join(ads.drop_columns(["bid"]), "left_outer", partitions, on=("ad_id",))
+        .materialize()
+    )
+
+
+def fit_feature_map(examples: ray.data.Dataset, p, metadata: dict) -> FeatureMap:
+    """Vocabularies from the training split's value counts (distributed per block, merged here)."""
+    specs = feature_specs(p.history_length, p.token_length)
+    vocab_columns = sorted({s.vocabulary for s in specs})
+    train_rows = examples.map_batches(partial(rows_where, column="split", value="train"), batch_format="pyarrow")
+    counts = merge_counts(train_rows.map_batches(count_values, batch_format="pyarrow", fn_kwargs={"columns": vocab_columns}))
+    vocabularies = {name: Vocabulary.fit(counts.get(name, {}), p.min_count) for name in vocab_columns}
+    return FeatureMap(specs, vocabularies, metadata=metadata)
+
+
+def write_splits(examples: ray.data.Dataset, feature_map: FeatureMap, out: Path, rows_per_file: int) -> dict:
+    """Encode and write ``out/{train,validation,test}/``; return examples and clicks per split."""
+    encoded = examples.map_batches(encode_examples, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map}).materialize()
+    for split in SPLITS:
+        part = encoded.map_batches(partial(rows_where_numpy, value=split), batch_format="numpy")
+        part.write_parquet(str(out / split), max_rows_per_file=rows_per_file)
+    counts = merge_counts(examples.map_batches(split_stats, batch_format="pyarrow"))
+    return {s: {"examples": counts["examples"].get(s, 0), "clicks": counts["clicks"].get(s, 0)} for s in SPLITS}
+
+
+def write_serving_tables(kept: ray.data.Dataset, sources: dict, feature_map: FeatureMap, out: Path, partitions: int) -> None:
+    """``users.parquet`` (features + latest history per user) and ``ads.parquet`` (encoded catalog) for Serve."""
+    history_length = feature_map.spec("history").max_len
+    clicks = kept.map_batches(partial(rows_where, column="event", value="click"), batch_format="pyarrow")
+    latest = clicks.repartition(partitions, keys=["user_id"], sort=True).map_batches(
+        latest_history, batch_size=None, batch_format="pyarrow", fn_kwargs={"history_length": history_length}
+    )
+    latest_table = pa.concat_tables(ray.get(latest.to_arrow_refs()), promote_options="default")
+    pq.write_table(_serving_users(pq.read_table(sources["users"]), latest_table, feature_map), out / "users.parquet")
+    pq.write_table(_serving_ads(pq.read_table(sources["ads"]), feature_map), out / "ads.parquet")
+
+
 def run(cfg) -> dict:
     """Prepare ``cfg.data.source`` into ``cfg.paths.prepared_dir``; return the report."""
     started = time.time()
@@ -164,80 +253,30 @@ def run(cfg) -> dict:
     out = Path(resolve(cfg.paths.prepared_dir))
     init_ray_from(cfg)
     sources = {k: resolve(v) for k, v in cfg.data.source.items()}
-
     events = read_parquet_checked(sources["events"], schema.EVENTS_REQUIRED, "event log")
-    tagged = events.map_batches(
-        tag_invalid, batch_format="pyarrow", fn_kwargs={"min_ts_ms": int(p.min_ts_ms), "max_ts_ms": int(p.max_ts_ms)}
-    ).materialize()
-    stats = merge_counts(tagged.map_batches(block_stats, batch_format="pyarrow"))
-    by_reason = {k: v for k, v in stats.get(REASON, {}).items() if k is not None}
-    rows_read, n_quarantined = sum(stats[REASON].values()), sum(by_reason.values())
     _reset_dir(out)
-    if n_quarantined:
-        tagged.map_batches(invalid_rows, batch_format="pyarrow").write_parquet(str(out / "quarantine"))
-    share = n_quarantined / max(rows_read, 1)
-    if share > p.max_quarantine_fraction:
-        raise ValueError(
-            f"{n_quarantined} of {rows_read} events ({share:.1%}) failed validation, above "
-            f"data.prepare.max_quarantine_fraction={p.max_quarantine_fraction}; reasons: {by_reason}. "
-            f"Inspect {out / 'quarantine'} and fix the source, or raise the threshold."
-        )
-    t_min, t_max = min(map(int, stats["ts_min"])), max(map(int, stats["ts_max"]))
-    train_end = t_min + int((t_max - t_min) * p.split.train)
-    validation_end = t_min + int((t_max - t_min) * (p.split.train + p.split.validation))
 
+    tagged, checked = validate(events, p, out)
+    train_end, validation_end = time_cutoffs(checked["ts_min"], checked["ts_max"], p.split)
+    # Blocks of about rows_per_partition events each keep per-task memory flat as the log grows.
+    partitions = int(p.num_partitions or max(2, math.ceil(checked["rows_read"] / p.rows_per_partition)))
     kept = tagged.map_batches(valid_rows, batch_format="pyarrow")
-    examples = kept.repartition(p.num_partitions, keys=["user_id"], sort=True).map_batches(
-        build_examples,
-        batch_size=None,  # whole blocks: each holds every event of its users
-        batch_format="pyarrow",
-        fn_kwargs={"history_length": p.history_length, "cutoffs_ms": (train_end, validation_end)},
-    )
-    users = read_parquet_checked(sources["users"], ("user_id",), "user profiles")
-    ads = read_parquet_checked(sources["ads"], ("ad_id", "bid"), "ad catalog")
-    examples = (
-        examples.join(users, "left_outer", p.num_partitions, on=("user_id",))
-        .join(ads.drop_columns(["bid"]), "left_outer", p.num_partitions, on=("ad_id",))
-        .materialize()
-    )
-
-    specs = feature_specs(p.history_length, p.token_length)
-    vocab_columns = sorted({s.vocabulary for s in specs})
-    train_rows = examples.map_batches(partial(rows_where, column="split", value="train"), batch_format="pyarrow")
-    counts = merge_counts(train_rows.map_batches(count_values, batch_format="pyarrow", fn_kwargs={"columns": vocab_columns}))
-    vocabularies = {name: Vocabulary.fit(counts.get(name, {}), p.min_count) for name in vocab_columns}
-    feature_map = FeatureMap(
-        specs,
-        vocabularies,
-        metadata={"cutoffs_ms": [t_min, train_end, validation_end, t_max], "sources": sources},
-    )
+    examples = labelled_examples(kept, sources, p, partitions, (train_end, validation_end))
+    cutoffs = {"start": checked["ts_min"], "train_end": train_end, "validation_end": validation_end, "end": checked["ts_max"]}
+    feature_map = fit_feature_map(examples, p, metadata={"cutoffs_ms": cutoffs, "sources": sources})
     feature_map.save(out / "feature_map.json")
-
-    encoded = examples.map_batches(encode_examples, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map}).materialize()
-    for split in SPLITS:
-        part = encoded.map_batches(partial(rows_where_numpy, value=split), batch_format="numpy")
-        part.write_parquet(str(out / split), max_rows_per_file=int(p.rows_per_file))
-    split_counts = merge_counts(examples.map_batches(split_stats, batch_format="pyarrow"))
-
-    clicks = kept.map_batches(partial(rows_where, column="event", value="click"), batch_format="pyarrow")
-    latest = clicks.repartition(p.num_partitions, keys=["user_id"], sort=True).map_batches(
-        latest_history, batch_size=None, batch_format="pyarrow", fn_kwargs={"history_length": p.history_length}
-    )
-    latest_table = pa.concat_tables(ray.get(latest.to_arrow_refs()), promote_options="default")
-    pq.write_table(_serving_users(pq.read_table(sources["users"]), latest_table, feature_map), out / "users.parquet")
-    pq.write_table(_serving_ads(pq.read_table(sources["ads"]), feature_map), out / "ads.parquet")
+    splits = write_splits(examples, feature_map, out, int(p.rows_per_file))
+    write_serving_tables(kept, sources, feature_map, out, partitions)
 
     report = {
-        "rows_read": rows_read,
-        "rows_kept": rows_read - n_quarantined,
-        "rows_quarantined": n_quarantined,
-        "quarantined_by_reason": by_reason,
-        "splits": {
-            split: {"examples": split_counts["examples"].get(split, 0), "clicks": split_counts["clicks"].get(split, 0)}
-            for split in SPLITS
-        },
-        "cutoffs_ms": {"start": t_min, "train_end": train_end, "validation_end": validation_end, "end": t_max},
-        "vocabulary_sizes": {name: v.cardinality for name, v in vocabularies.items()},
+        "rows_read": checked["rows_read"],
+        "rows_kept": checked["rows_read"] - checked["rows_quarantined"],
+        "rows_quarantined": checked["rows_quarantined"],
+        "quarantined_by_reason": checked["by_reason"],
+        "splits": splits,
+        "cutoffs_ms": cutoffs,
+        "vocabulary_sizes": {name: v.cardinality for name, v in feature_map.vocabularies.items()},
+        "partitions": partitions,
         "seconds": round(time.time() - started, 1),
     }
     write_json(out / "report.json", report)

@@ -19,10 +19,9 @@ import ray.data
 import torch
 
 from adrec.eval.metrics import auc, classification_metrics, logloss, rank_of_target, retrieval_metrics
-from adrec.features import FeatureMap
 from adrec.inference import embed, to_features
 from adrec.registry import load_checkpoint
-from adrec.runtime import init_ray_from, read_json, resolve, write_json
+from adrec.runtime import init_ray_from, read_json, require, resolve, write_json
 
 
 def ad_click_counts(train: ray.data.Dataset, catalog_ids: pa.Array) -> np.ndarray:
@@ -63,49 +62,53 @@ def retrieval_ranks(user: np.ndarray, ads: np.ndarray, target: np.ndarray, chunk
     return np.concatenate([rank_of_target(user[i : i + chunk] @ ads.T, target[i : i + chunk]) for i in range(0, len(target), chunk)])
 
 
+def ranking_report(scored: dict, popularity: np.ndarray) -> dict:
+    """pCTR metrics of the model, the popularity baseline and (synthetic logs) the oracle."""
+    labels, ad_row = scored["label"], scored["ad_row"]
+    metrics = classification_metrics(labels, scored["prob"])
+    metrics["popularity_auc"] = auc(labels, np.where(ad_row >= 0, popularity[ad_row], 0.0))
+    truth = scored["true_pctr"]
+    known = ~np.isnan(truth)
+    if known.any():
+        metrics["oracle_auc"] = auc(labels[known], truth[known])
+        metrics["oracle_logloss"] = logloss(labels[known], truth[known])
+        metrics["auc_over_oracle"] = metrics["auc"] / metrics["oracle_auc"]
+    return metrics
+
+
+def retrieval_report(scored: dict, ad_matrix: np.ndarray, popularity: np.ndarray, ks: list[int], limit: int) -> dict:
+    """Recall@K / NDCG@K over the whole catalog for clicked impressions of catalog ads, model and popularity."""
+    target = scored["ad_row"][scored["label"] > 0.5]
+    in_catalog = target >= 0
+    user, target = scored["clicked_user"][in_catalog][:limit], target[in_catalog][:limit]
+    metrics = retrieval_metrics(retrieval_ranks(user, ad_matrix, target), ks)
+    popular_ranks = rank_of_target(np.broadcast_to(popularity, (len(target), len(popularity))), target)
+    metrics.update({f"popularity_{k}": v for k, v in retrieval_metrics(popular_ranks, ks).items()})
+    metrics["retrieval_queries"] = int(len(target))
+    return metrics
+
+
 def run(cfg) -> dict:
+    """Evaluate the best checkpoint on the test split; write and return ``metrics.json``."""
     init_ray_from(cfg)
     prepared = Path(resolve(cfg.paths.prepared_dir))
-    trained = read_json(Path(resolve(cfg.paths.train_dir)) / "result.json")
+    trained = read_json(require(Path(resolve(cfg.paths.train_dir)) / "result.json", "jobs/train.py"))
     model = load_checkpoint(trained["best_checkpoint"])
-    feature_map = FeatureMap.load(prepared / "feature_map.json")
     catalog = pq.read_table(prepared / "ads.parquet")
     catalog_ids = catalog["raw_ad_id"].combine_chunks()
     ad_matrix = embed(model.ad_tower, catalog).numpy()  # (A, D)
 
     test = ray.data.read_parquet(str(prepared / "test"))
     scored = score_split(model, test, model.user_tower.feature_names, model.ad_tower.feature_names, catalog_ids)
-    labels, probs = scored["label"], scored["prob"]
     popularity = ad_click_counts(ray.data.read_parquet(str(prepared / "train")), catalog_ids)
-    ad_row = scored["ad_row"]
-    metrics = classification_metrics(labels, probs)
-    metrics["popularity_auc"] = auc(labels, np.where(ad_row >= 0, popularity[ad_row], 0.0))
-    truth = scored["true_pctr"]
-    if not np.isnan(truth).all():
-        known = ~np.isnan(truth)
-        metrics["oracle_auc"] = auc(labels[known], truth[known])
-        metrics["oracle_logloss"] = logloss(labels[known], truth[known])
-        metrics["auc_over_oracle"] = metrics["auc"] / metrics["oracle_auc"]
-
-    # Retrieval over the whole catalog, for clicked impressions of catalog ads.
-    clicked = labels > 0.5
-    target = ad_row[clicked]
-    in_catalog = target >= 0
-    limit = int(cfg.evaluate.max_retrieval_queries)
-    user, target = scored["clicked_user"][in_catalog][:limit], target[in_catalog][:limit]
-    ks = list(cfg.evaluate.ks)
-    metrics.update(retrieval_metrics(retrieval_ranks(user, ad_matrix, target), ks))
-    popular_ranks = rank_of_target(np.broadcast_to(popularity, (len(target), len(popularity))), target)
-    metrics.update({f"popularity_{k}": v for k, v in retrieval_metrics(popular_ranks, ks).items()})
-    metrics.update(
-        {
-            "test_examples": int(len(labels)),
-            "test_clicks": int(clicked.sum()),
-            "retrieval_queries": int(len(target)),
-            "num_ads": int(len(catalog_ids)),
-            "checkpoint": trained["best_checkpoint"],
-        }
-    )
+    metrics = {
+        **ranking_report(scored, popularity),
+        **retrieval_report(scored, ad_matrix, popularity, list(cfg.evaluate.ks), int(cfg.evaluate.max_retrieval_queries)),
+        "test_examples": int(len(scored["label"])),
+        "test_clicks": int((scored["label"] > 0.5).sum()),
+        "num_ads": int(len(catalog_ids)),
+        "checkpoint": trained["best_checkpoint"],
+    }
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     write_json(Path(resolve(cfg.paths.eval_dir)) / "metrics.json", metrics)
     return metrics

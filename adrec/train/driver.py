@@ -11,7 +11,7 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from adrec.features import FeatureMap
-from adrec.runtime import init_ray_from, resolve, write_json
+from adrec.runtime import init_ray_from, require, resolve, write_json
 from adrec.train.loop import train_loop_per_worker
 
 SCORE = "val_auc"
@@ -26,9 +26,7 @@ def run(cfg) -> dict:
     """Train on ``prepared_dir``; return the best epoch's metrics and checkpoint path."""
     init_ray_from(cfg)
     prepared = Path(resolve(cfg.paths.prepared_dir))
-    feature_map_path = prepared / "feature_map.json"
-    if not feature_map_path.is_file():
-        raise FileNotFoundError(f"{feature_map_path} not found: run jobs/prepare.py with the same run_dir first")
+    feature_map_path = require(prepared / "feature_map.json", "jobs/prepare.py")
     columns = model_columns(FeatureMap.load(feature_map_path))
     datasets = {split: ray.data.read_parquet(str(prepared / split)).select_columns(columns) for split in ("train", "validation")}
     t = cfg.trainer
