@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from adrec.features import FeatureMap
+from adrec.data.privacy import pseudonym_key, pseudonymize
+from adrec.features import FeatureMap, FeatureSpec
 from adrec.inference import column_to_numpy
 from adrec.registry import load_ad_embeddings, resolve_model_dir, verify_manifest
 
@@ -30,12 +31,17 @@ class UserQuery:
     context: dict[str, str] = field(default_factory=dict)
 
 
+def profile_specs(feature_map: FeatureMap, group: str) -> list[FeatureSpec]:
+    """A group's features other than the ids and the history: what a request may state in raw form."""
+    return [f for f in feature_map.features if f.group == group and f.name not in ("user_id", "history")]
+
+
 class UserStore:
     """Encoded profile features and latest click history of every known user."""
 
     def __init__(self, users: pa.Table, feature_map: FeatureMap) -> None:
         self.index = {uid: i for i, uid in enumerate(users["raw_user_id"].to_pylist())}
-        self.attributes = {n: column_to_numpy(users[n]) for n in feature_map.names("user", "categorical") if n != "user_id"}
+        self.attributes = {f.name: column_to_numpy(users[f.name]) for f in profile_specs(feature_map, "user") if f.name in users.column_names}
         self.history = column_to_numpy(users["history"])  # (U, N)
         self.history_len = column_to_numpy(users["history_len"])
 
@@ -51,29 +57,37 @@ class FeatureBuilder:
     request's recent ads.
     """
 
-    def __init__(self, feature_map: FeatureMap, store: UserStore) -> None:
+    def __init__(self, feature_map: FeatureMap, store: UserStore, pseudonym_key: bytes | None = None) -> None:
         self.feature_map = feature_map
         self.store = store
-        self.attribute_names = [n for n in feature_map.names("user", "categorical") if n != "user_id"]
-        self.context_names = feature_map.names("context", "categorical")
+        self.pseudonym_key = pseudonym_key
+        self.user_specs = profile_specs(feature_map, "user")
+        self.attribute_columns = sorted({f.column for f in self.user_specs})
+        self.context_columns = sorted({f.column for f in profile_specs(feature_map, "context")})
         self.history_length = feature_map.spec("history").max_len
 
+    def user_ids(self, queries: list[UserQuery]) -> pa.Array:
+        """Request user ids as the model knows them: pseudonymised when the training data was."""
+        ids = pa.array([q.user_id for q in queries], pa.string())
+        return pseudonymize(ids, self.pseudonym_key) if self.pseudonym_key else ids
+
     def build(self, queries: list[UserQuery]) -> dict[str, np.ndarray]:
-        """(B,) int64 per categorical feature and (B, N) for ``history``."""
-        raw = {"user_id": pa.array([q.user_id for q in queries], pa.string())}
-        for name in self.attribute_names:
+        """(B,) int64 per categorical or bucket feature, (B,) float32 per dense one, (B, N) ``history``."""
+        user_ids = self.user_ids(queries)
+        raw = {"user_id": user_ids}
+        for name in self.attribute_columns:
             raw[name] = pa.array([q.attributes.get(name) for q in queries], pa.string())
-        for name in self.context_names:
+        for name in self.context_columns:
             raw[name] = pa.array([q.context.get(name) for q in queries], pa.string())
         raw["history"] = pa.array([q.recent_ad_ids for q in queries], pa.list_(pa.string()))
         encoded = self.feature_map.encode(pa.table(raw))
-        for i, query in enumerate(queries):
-            row = self.store.row(query.user_id)
+        for i, (query, user_id) in enumerate(zip(queries, user_ids.to_pylist())):
+            row = self.store.row(user_id)
             if row is None:
                 continue
-            for name in self.attribute_names:
-                if name not in query.attributes:
-                    encoded[name][i] = self.store.attributes[name][row]
+            for spec in self.user_specs:
+                if spec.column not in query.attributes and spec.name in self.store.attributes:
+                    encoded[spec.name][i] = self.store.attributes[spec.name][row]
             fresh = encoded["history"][i, : encoded["history_len"][i]]
             stored = self.store.history[row, : self.store.history_len[row]]
             merged = np.concatenate([fresh, stored])[: self.history_length]
@@ -130,6 +144,7 @@ class ServingModel:
         manifest = verify_manifest(model_dir)
         feature_map = FeatureMap.load(model_dir / "feature_map.json")
         store = UserStore(pq.read_table(model_dir / "users.parquet"), feature_map)
+        key = pseudonym_key(None) if feature_map.metadata.get("pseudonymized") else None
         catalog = pq.read_table(model_dir / "ads.parquet", columns=["raw_ad_id", "bid"])
         meta = json.loads((model_dir / "model.json").read_text())
         index = AdIndex(
@@ -138,4 +153,4 @@ class ServingModel:
             load_ad_embeddings(model_dir),
             float(meta["logit_bias"]),
         )
-        return cls(manifest["version"], model_dir, FeatureBuilder(feature_map, store), index)
+        return cls(manifest["version"], model_dir, FeatureBuilder(feature_map, store, key), index)

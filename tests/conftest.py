@@ -13,9 +13,11 @@ for key, value in {
 }.items():
     os.environ.setdefault(key, value)
 
+from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute  # noqa: E402, F401
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
@@ -49,19 +51,22 @@ def ray_session():
     ray.shutdown()
 
 
+# One planted bad row per reason: (changes to a copy of a real impression row, expected reason).
 BAD_EVENTS = [
-    # (event_id, user_id, event, impression_id) -> the reason preparation must give
-    ("bad-1", None, "impression", None),
-    ("bad-2", "u1", "purchase", None),
-    ("bad-3", "u1", "click", None),
+    ({"event_id": "bad-1", "user_id": None}, "missing_user_id"),
+    ({"event_id": "bad-2", "event": "purchase"}, "unknown_event"),
+    ({"event_id": "bad-3", "event": "click", "impression_id": None}, "missing_impression_id"),
+    ({"event_id": "bad-4", "ts": datetime(1990, 1, 1, tzinfo=timezone.utc)}, "ts_out_of_range"),
+    ({"event_id": "bad-5", "slot": "x" * 2000}, "oversized_slot"),
+    ({}, "duplicate_event_id"),  # an exact replay of a logged impression
 ]
 
 
 def add_bad_events(events_dir: Path) -> None:
     """Append a shard of rows that break the schema, to check they are quarantined, not lost."""
     good = pq.read_table(next(events_dir.glob("*.parquet")))
-    template = good.slice(0, 1).to_pylist()[0]
-    rows = [{**template, "event_id": e, "user_id": u, "event": ev, "impression_id": imp} for e, u, ev, imp in BAD_EVENTS]
+    template = good.filter(pa.compute.equal(good["event"], "impression")).slice(0, 1).to_pylist()[0]
+    rows = [{**template, **changes} for changes, _ in BAD_EVENTS]
     nullable = pa.schema([field.with_nullable(True) for field in good.schema])
     pq.write_table(pa.Table.from_pylist(rows, schema=nullable), events_dir / "part-bad.parquet")
 

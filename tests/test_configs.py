@@ -4,9 +4,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from adrec.data.prepare import feature_specs
+import pytest
+
+from adrec.data.prepare import event_columns, feature_specs
 from adrec.features import FeatureMap, Vocabulary
-from tests.conftest import compose_config
+from tests.conftest import CONF, compose_config
 
 
 def test_default_config_composes_resolves_and_builds_the_two_tower_model(tmp_path):
@@ -15,9 +17,20 @@ def test_default_config_composes_resolves_and_builds_the_two_tower_model(tmp_pat
     assert resolved["paths"]["prepared_dir"] == f"{tmp_path}/prepared"
     assert {"data", "model", "trainer", "serve", "paths"} <= set(resolved)
 
-    specs = feature_specs(history_length=5, token_length=3)
-    fm = FeatureMap(specs, {s.vocabulary: Vocabulary([f"v{i}" for i in range(4)]) for s in specs})
+    specs = feature_specs(cfg, event_columns(cfg))
+    fm = FeatureMap(specs, {s.vocabulary: Vocabulary([f"v{i}" for i in range(4)]) for s in specs if s.vocabulary})
     model = instantiate(cfg.model)(fm).eval()
     batch = {s.name: torch.randint(0, 6, (7, s.max_len) if s.kind == "sequence" else (7,)) for s in specs}
     assert model(batch).shape == (7,)
     assert model.user_tower(batch).shape == (7, cfg.model.output_dim)
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "criteo", "movielens"])
+def test_every_dataset_config_composes(tmp_path, dataset):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"run_dir={tmp_path}", f"data={dataset}", "data.path=/data"] if dataset != "synthetic"
+                      else [f"run_dir={tmp_path}"])
+    OmegaConf.to_container(cfg.data, resolve=True)
+    assert feature_specs(cfg, event_columns(cfg))

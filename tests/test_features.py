@@ -1,3 +1,4 @@
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -14,7 +15,7 @@ def test_vocabulary_keeps_frequent_values_and_maps_the_rest_to_oov():
 
 def test_sequences_are_right_padded_and_truncated():
     vocab = Vocabulary(values=["x", "y"])
-    ids, lengths = encode_sequence(pa.array([["y", "x", "q"], [], None, ["x"] * 5]), vocab, max_len=3)
+    ids, lengths = encode_sequence(pa.array([["y", "x", "q"], [], None, ["x"] * 5]), vocab.encode, max_len=3)
     assert ids.tolist() == [[3, 2, OOV], [PAD] * 3, [PAD] * 3, [2, 2, 2]]
     assert lengths.tolist() == [3, 0, 0, 3]
 
@@ -37,3 +38,32 @@ def test_feature_map_round_trips_through_json(tmp_path):
 def test_feature_map_rejects_foreign_json():
     with pytest.raises(ValueError, match="not an adrec feature map"):
         FeatureMap.from_json({"format": "something-else"})
+
+
+def test_hashing_is_stable_and_bounded():
+    from adrec.features import hash_ids, stable_hash
+
+    # FNV-1a 64 of "a", as published: the same on every machine, so serving matches training.
+    assert stable_hash(pa.array(["a"]))[0] == 0xAF63DC4C8601EC8C
+    ids = hash_ids(pa.array(["x", "y", None, "x"]), buckets=7)
+    assert ids[0] == ids[3] and ids[2] == OOV and ((ids >= 2) & (ids < 9) | (ids == OOV)).all()
+
+
+def test_text_becomes_a_bag_of_hashed_words():
+    from adrec.features import tokenize
+
+    assert tokenize(pa.array(["Star Wars: Episode IV", None, ""])).to_pylist() == [["star", "wars", "episode", "iv"], [], []]
+    fm = FeatureMap([FeatureSpec("title", "ad", "sequence", None, 3, hash_buckets=50, tokenize=True)], {})
+    out = fm.encode(pa.table({"title": ["Star wars", "WARS star!"]}))
+    assert sorted(out["title"][0][:2]) == sorted(out["title"][1][:2]) and out["title_len"].tolist() == [2, 2]
+
+
+def test_numbers_become_log_values_and_quantile_buckets():
+    fm = FeatureMap(
+        [FeatureSpec("I1", "context", "dense", log1p=True), FeatureSpec("I1_q", "context", "bucket", boundaries=(1.0, 10.0), source="I1")],
+        {},
+    )
+    out = fm.encode(pa.table({"I1": ["0", "5", "100", None, "-3"]}))
+    assert out["I1_q"].tolist() == [2, 3, 4, OOV, 2]
+    assert out["I1"].tolist() == pytest.approx([0.0, np.log1p(5), np.log1p(100), 0.0, -np.log1p(3)])
+    assert fm.cardinality("I1_q") == 5

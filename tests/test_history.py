@@ -1,9 +1,8 @@
 import numpy as np
 import pyarrow as pa
 
-from adrec.data import schema
-from adrec.data.history import build_examples, latest_history
-from adrec.data.validate import event_reasons
+from adrec.data.history import LabelRule, SplitRule, assign_split, build_examples, latest_history
+from adrec.data.validate import Rules, canonicalize
 
 T0 = 1_767_225_600_000  # 2026-01-01
 
@@ -14,7 +13,7 @@ def events(rows):
     return pa.table(
         {
             "event_id": list(cols[0]),
-            "ts": pa.array([T0 + 60_000 * m for m in cols[1]], pa.int64()).cast(schema.TIMESTAMP),
+            "ts": pa.array([T0 + 60_000 * m for m in cols[1]], pa.int64()),
             "user_id": list(cols[2]),
             "ad_id": list(cols[3]),
             "event": list(cols[4]),
@@ -46,7 +45,8 @@ def as_dict(table):
 
 
 def test_examples_carry_labels_and_strictly_earlier_histories():
-    rows = as_dict(build_examples(LOG, history_length=5, cutoffs_ms=(T0 + 3 * 60_000, T0 + 8 * 60_000)))
+    split = SplitRule("time", cutoffs_ms=(T0 + 3 * 60_000, T0 + 8 * 60_000))
+    rows = as_dict(build_examples(LOG, history_length=5, split=split, label_rule=None))
     assert len(rows) == 6  # one example per impression
     assert rows["u1", "a1"]["label"] == 1 and rows["u1", "a1"]["history"] == []
     assert rows["u1", "a2"]["history"] == ["a1"] and rows["u1", "a2"]["converted"] == 1
@@ -57,7 +57,7 @@ def test_examples_carry_labels_and_strictly_earlier_histories():
 
 
 def test_history_is_truncated_to_the_most_recent():
-    rows = as_dict(build_examples(LOG, history_length=1, cutoffs_ms=(0, 0)))
+    rows = as_dict(build_examples(LOG, history_length=1, split=SplitRule("time", cutoffs_ms=(0, 0)), label_rule=None))
     assert rows["u1", "a4"]["history"] == ["a2"]
 
 
@@ -67,16 +67,66 @@ def test_latest_history_per_user():
     assert latest == {"u1": ["a2", "a1"], "u2": ["a9"]}
 
 
+RULES = Rules(
+    columns={"event_id": "event_id", "ts": "ts", "user_id": "user_id", "ad_id": "ad_id", "event": "event", "impression_id": "impression_id"},
+    features={"slot": "categorical", "price": "numeric"},
+    time_unit="ms",
+    max_string_length=12,
+)
+
+
+def reasons(rows):
+    """rows: dicts of raw string columns, as a CSV source gives them."""
+    table = pa.Table.from_pylist([{"slot": "top", "price": "1", "ts": str(T0), **r} for r in rows])
+    return canonicalize(table, RULES)["reason"].to_pylist()
+
+
 def test_validation_names_what_is_wrong():
-    bad = events(
+    ok = {"event_id": "e", "user_id": "u1", "ad_id": "a1", "event": "impression", "impression_id": None}
+    assert reasons(
         [
-            ("ok", 0, "u1", "a1", "impression", None),
-            ("", 0, "u1", "a1", "impression", None),
-            ("x2", 0, "u1", "a1", "purchase", None),
-            ("x3", 0, "u1", "a1", "click", None),
-            ("x4", 0, None, "a1", "impression", None),
+            ok,
+            {**ok, "event_id": ""},
+            {**ok, "event": "purchase"},
+            {**ok, "event": "click"},
+            {**ok, "user_id": None},
+            {**ok, "ts": "yesterday"},
+            {**ok, "ts": "12"},
+            {**ok, "price": "cheap"},
+            {**ok, "price": "inf"},
+            {**ok, "slot": "a-very-long-slot-name"},
+            {**ok, "ts": "2026-01-02T03:04:05"},
+            {**ok, "event": "CLICK", "impression_id": "e0"},
         ]
+    ) == [
+        None, "missing_event_id", "unknown_event", "missing_impression_id", "missing_user_id", "bad_ts",
+        "ts_out_of_range", "bad_price", "nonfinite_price", "oversized_slot", None, None,
+    ]
+
+
+def test_labelled_rows_follow_the_label_rule_and_positives_are_the_history():
+    rows = pa.table(
+        {
+            "user_id": ["u1"] * 4,
+            "ad_id": ["m1", "m2", "m3", "m4"],
+            "ts": pa.array([T0, T0 + 1, T0 + 2, T0 + 3], pa.int64()),
+            "label": [5.0, 2.0, 4.0, 3.0],
+        }
     )
-    reasons = event_reasons(bad, min_ts_ms=0, max_ts_ms=T0 * 2).tolist()
-    assert reasons == [None, "missing_event_id", "unknown_event", "missing_impression_id", "missing_user_id"]
-    assert event_reasons(bad.slice(0, 1), min_ts_ms=T0 + 1, max_ts_ms=T0 * 2).tolist() == ["ts_out_of_range"]
+    out = build_examples(rows, 3, SplitRule("leave_last_out"), LabelRule(at_least=4))
+    assert out["label"].to_pylist() == [1, 0, 1, 0]
+    assert out["history"].to_pylist() == [[], ["m1"], ["m1"], ["m3", "m1"]]
+    assert out["split"].to_pylist() == ["train", "train", "validation", "test"]
+    assert LabelRule(implicit=True).apply(rows["label"]).tolist() == [1, 1, 1, 1]
+
+
+def test_per_user_random_split_gives_each_user_the_shares():
+    n_users, per_user = 50, 40
+    rows = pa.table({"event_id": [f"e{i}" for i in range(n_users * per_user)], "ts": pa.array(np.arange(n_users * per_user), pa.int64())})
+    users = np.repeat(np.arange(n_users), per_user)
+    split = assign_split(rows, users, SplitRule("per_user_random"), seed=1)
+    for user in range(n_users):
+        mine = split[users == user]
+        assert (mine == "train").sum() == 32 and (mine == "validation").sum() == 4 and (mine == "test").sum() == 4
+    again = assign_split(rows, users, SplitRule("per_user_random"), seed=1)
+    assert (split == again).all() and not (split == assign_split(rows, users, SplitRule("per_user_random"), seed=2)).all()

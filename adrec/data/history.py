@@ -1,14 +1,56 @@
-"""Labels and behaviour histories, computed per user on whole blocks with numpy.
+"""Labels, behaviour histories and splits, computed on whole blocks with numpy.
 
-Preparation hash-partitions the log by ``user_id`` (as Ray's own ``map_groups`` does),
-so each block holds every event of its users and these functions see complete histories.
+Two shapes of log become examples:
+    event log     impression, click and conversion rows; a click names its impression.
+                  Each impression is an example, clicked = 1; clicks are the history.
+    labelled rows each row is an example with a label column (Criteo, MovieLens ratings),
+                  turned into 0/1 by a rule; positive rows are the history.
+
+With a user column, preparation hash-partitions the log by ``user_id`` (as Ray's own
+``map_groups`` does), so each block holds every event of its users: histories and per-user
+splits see a user's whole log.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from adrec.features import stable_hash
+
+SPLITS = ("train", "validation", "test")
+ROLE_COLUMNS = ("event_id", "ts", "user_id", "ad_id", "event", "impression_id", "label")
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How examples are split.
+
+    time            global cutoffs: train < cutoffs[0] <= validation < cutoffs[1] <= test
+    random          each example by a hash of its id: fractions train / validation / rest
+    per_user_random each user's examples in hash order: the first ``train`` share, then validation
+    leave_last_out  each user's last example is test, the one before validation, the rest train
+    """
+
+    kind: str = "time"
+    train: float = 0.8
+    validation: float = 0.1
+    cutoffs_ms: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """Labelled rows: clicked = 1 when ``label >= at_least`` (or always, when ``implicit``)."""
+
+    at_least: float = 0.5
+    implicit: bool = False
+
+    def apply(self, label: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        values = pc.cast(label, pa.float64()).to_numpy(zero_copy_only=False)
+        return np.ones(len(values), np.float32) if self.implicit else (values >= self.at_least).astype(np.float32)
 
 
 def history_before(
@@ -29,7 +71,7 @@ def history_before(
     span = int(max(click_ts.max(initial=0), query_ts.max(initial=0)) - t0 + 1)
     top_user = int(max(click_user.max(initial=0), query_user.max(initial=0)))
     if top_user * span >= 2**62:
-        raise OverflowError("too many users x time span in one block; raise prepare.num_partitions")
+        raise OverflowError("too many users x time span in one block; raise data.prepare.num_partitions")
     # One sortable int64 key per (user, time) pair: clicks of a user are contiguous.
     click_key = click_user.astype(np.int64) * span + (click_ts - t0)
     order = np.argsort(click_key, kind="stable")
@@ -44,57 +86,101 @@ def history_before(
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
+def row_keys(rows: pa.Table) -> np.ndarray:
+    """(N,) uint64 per-row hash: of ``event_id`` when present, else of every column's text."""
+    if "event_id" in rows.column_names:
+        return stable_hash(rows["event_id"])
+    text = [pc.fill_null(pc.cast(rows[c], pa.string()), "") for c in rows.column_names if not pa.types.is_list(rows[c].type)]
+    return stable_hash(pc.binary_join_element_wise(*text, "\x1f"))
+
+
+def uniform(keys: np.ndarray, seed: int) -> np.ndarray:
+    """(N,) uint64 hashes -> (N,) floats in [0, 1), a different draw per seed."""
+    mixed = (keys ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)) * np.uint64(0xBF58476D1CE4E5B9)
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def assign_split(rows: pa.Table, user_code: np.ndarray | None, rule: SplitRule, seed: int) -> np.ndarray:
+    """(N,) split names for ``rows`` (a block holding all rows of its users, for per-user rules)."""
+    if rule.kind == "time":
+        ts = rows["ts"].to_numpy(zero_copy_only=False)
+        return np.where(ts < rule.cutoffs_ms[0], "train", np.where(ts < rule.cutoffs_ms[1], "validation", "test"))
+    draw = uniform(row_keys(rows), seed)
+    if rule.kind == "random":
+        return np.where(draw < rule.train, "train", np.where(draw < rule.train + rule.validation, "validation", "test"))
+    if user_code is None:
+        raise ValueError(f"split.kind={rule.kind} needs a user column (columns.user_id)")
+    # Position of each row within its user: by draw (per_user_random) or by time (leave_last_out).
+    within = draw if rule.kind == "per_user_random" else rows["ts"].to_numpy(zero_copy_only=False)
+    order = np.lexsort((within, user_code))
+    counts = np.bincount(user_code)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order)) - first[user_code[order]]
+    size = counts[user_code]
+    if rule.kind == "per_user_random":
+        share = rank / size
+        return np.where(share < rule.train, "train", np.where(share < rule.train + rule.validation, "validation", "test"))
+    if rule.kind == "leave_last_out":
+        return np.where(rank == size - 1, "test", np.where(rank == size - 2, "validation", "train"))
+    raise ValueError(f"unknown split.kind {rule.kind!r}: use time, random, per_user_random or leave_last_out")
+
+
 def _follows(events: pa.Table, kind: str) -> pa.Array:
-    """The impression ids that an event of ``kind`` (click, conversion) refers to."""
+    """The impression ids that events of ``kind`` (click, conversion) refer to."""
     return events.filter(pc.equal(events["event"], kind))["impression_id"].combine_chunks()
 
 
-def build_examples(events: pa.Table, history_length: int, cutoffs_ms: tuple[int, int]) -> pa.Table:
-    """Turn the events of a set of users into one training example per impression.
+def build_examples(
+    events: pa.Table, history_length: int, split: SplitRule, label_rule: LabelRule | None, seed: int = 0
+) -> pa.Table:
+    """One example per impression (event log) or per row (labelled rows), with ``label``,
+    ``history`` (when the log has users and ads), ``split``, and every other column kept."""
+    if "event" in events.column_names:
+        is_exposure = pc.equal(events["event"], "impression").to_numpy(zero_copy_only=False).astype(bool)
+        is_positive = pc.equal(events["event"], "click").to_numpy(zero_copy_only=False).astype(bool)
+        examples = events.filter(pa.array(is_exposure))
+        label = pc.cast(pc.is_in(examples["event_id"], value_set=_follows(events, "click")), pa.float32())
+        converted = pc.cast(pc.is_in(examples["event_id"], value_set=_follows(events, "conversion")), pa.float32())
+        examples = examples.drop_columns(["event", "impression_id"]).append_column("converted", converted)
+    else:
+        is_exposure = np.ones(events.num_rows, bool)
+        label = pa.array((label_rule or LabelRule()).apply(events["label"]))
+        is_positive = label.to_numpy(zero_copy_only=False) > 0.5
+        examples = events.drop_columns(["label"])
+    examples = examples.append_column("label", label)
 
-    Each example gets ``label`` (clicked), ``converted``, ``history`` (ads the user
-    clicked strictly before the impression) and ``split`` from the global time cutoffs
-    (train < cutoffs_ms[0] <= validation < cutoffs_ms[1] <= test).
-    """
-    users = pc.dictionary_encode(events["user_id"].combine_chunks())
-    user_code = users.indices.to_numpy(zero_copy_only=False)
-    ts = pc.cast(events["ts"], pa.int64()).to_numpy(zero_copy_only=False)
-    is_click = pc.equal(events["event"], "click").to_numpy(zero_copy_only=False).astype(bool)
-    is_impression = pc.equal(events["event"], "impression").to_numpy(zero_copy_only=False).astype(bool)
-
-    impressions = events.filter(pa.array(is_impression))
-    history = history_before(
-        user_code[is_click],
-        ts[is_click],
-        events["ad_id"].combine_chunks().filter(pa.array(is_click)),
-        user_code[is_impression],
-        ts[is_impression],
-        history_length,
-    )
-    imp_ts = ts[is_impression]
-    split = np.where(imp_ts < cutoffs_ms[0], "train", np.where(imp_ts < cutoffs_ms[1], "validation", "test"))
-    columns = {
-        "ts": impressions["ts"],
-        "user_id": impressions["user_id"],
-        "ad_id": impressions["ad_id"],
-        "slot": impressions["slot"],
-        "device": impressions["device"],
-        "label": pc.cast(pc.is_in(impressions["event_id"], value_set=_follows(events, "click")), pa.float32()),
-        "converted": pc.cast(pc.is_in(impressions["event_id"], value_set=_follows(events, "conversion")), pa.float32()),
-        "history": history,
-        "split": pa.array(split),
-    }
-    if "true_pctr" in events.column_names:
-        columns["true_pctr"] = impressions["true_pctr"]
-    return pa.table(columns)
+    user_code = None
+    if "user_id" in events.column_names:
+        codes = pc.dictionary_encode(events["user_id"].combine_chunks()).indices.to_numpy(zero_copy_only=False)
+        user_code = codes[is_exposure]
+        if "ad_id" in events.column_names and "ts" in events.column_names:
+            ts = events["ts"].to_numpy(zero_copy_only=False)
+            history = history_before(
+                codes[is_positive],
+                ts[is_positive],
+                events["ad_id"].combine_chunks().filter(pa.array(is_positive)),
+                user_code,
+                ts[is_exposure],
+                history_length,
+            )
+            examples = examples.append_column("history", history)
+    return examples.append_column("split", pa.array(assign_split(examples, user_code, split, seed)))
 
 
-def latest_history(clicks: pa.Table, history_length: int) -> pa.Table:
-    """(user_id, history): each user's last ``history_length`` clicked ads, most recent first."""
-    users = pc.dictionary_encode(clicks["user_id"].combine_chunks())
+def latest_history(positives: pa.Table, history_length: int) -> pa.Table:
+    """(user_id, history): each user's last ``history_length`` positive ads, most recent first."""
+    users = pc.dictionary_encode(positives["user_id"].combine_chunks())
     code = users.indices.to_numpy(zero_copy_only=False)
-    ts = pc.cast(clicks["ts"], pa.int64()).to_numpy(zero_copy_only=False)
+    ts = positives["ts"].to_numpy(zero_copy_only=False)
     n_users = len(users.dictionary)
     after_all = np.full(n_users, ts.max(initial=0) + 1, dtype=np.int64)
-    history = history_before(code, ts, clicks["ad_id"].combine_chunks(), np.arange(n_users), after_all, history_length)
+    history = history_before(code, ts, positives["ad_id"].combine_chunks(), np.arange(n_users), after_all, history_length)
     return pa.table({"user_id": users.dictionary, "history": history})
+
+
+def positive_rows(batch: pa.Table, label_rule: LabelRule | None) -> pa.Table:
+    """The rows that count as history: clicks, or positive labelled rows."""
+    if "event" in batch.column_names:
+        return batch.filter(pc.equal(batch["event"], "click"))
+    return batch.filter(pa.array((label_rule or LabelRule()).apply(batch["label"]) > 0.5))

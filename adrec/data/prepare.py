@@ -1,12 +1,14 @@
-"""Preparation on Ray Data: raw logs -> validated, labelled, encoded example shards.
+"""Preparation on Ray Data: a user's logs, as they are -> validated, encoded example shards.
 
-    events --validate--> kept | quarantine (with a reason)
-    kept --partition by user--> examples (label, history, split) --join--> user, ad attributes
-    train split --value counts--> vocabularies (feature map)
+    source --canonicalise, validate, pseudonymise--> rows | quarantine (with a reason)
+    rows --dedupe by event_id--> kept --partition by user--> examples (label, history, split)
+    examples --join--> user and ad attributes (side tables)
+    training split --per-block counts and samples--> vocabularies, quantile boundaries (feature map)
     examples --encode--> train/ validation/ test/ Parquet shards
 
-Plus the serving side tables: the encoded ad catalog and each user's features and
-latest history. Every count goes into ``report.json``; read = kept + quarantined.
+Plus the serving side tables: the encoded ad catalog and each user's features and latest
+history. Every count goes into ``report.json``; rows read = kept + quarantined.
+A new dataset needs a YAML file under conf/data/, not code.
 """
 
 from __future__ import annotations
@@ -22,24 +24,101 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from omegaconf import OmegaConf
 
 from adrec.data import schema
-from adrec.data.history import build_examples, latest_history
-from adrec.data.validate import REASON, invalid_rows, tag_invalid, valid_rows
+from adrec.data.history import SPLITS, LabelRule, SplitRule, build_examples, latest_history, positive_rows
+from adrec.data.privacy import pseudonym_key, pseudonymize
+from adrec.data.sources import RAW_LINE, SourceSpec, header_names, read_source, read_table
+from adrec.data.validate import REASON, Rules, canonicalize, invalid_rows, mark_duplicates, valid_rows
 from adrec.features import FeatureMap, FeatureSpec, Vocabulary
 from adrec.runtime import init_ray_from, resolve, write_json
 
-SPLITS = ("train", "validation", "test")
+TABLE_GROUPS = {"events": "context", "users": "user", "ads": "ad"}
+QUANTILE_SAMPLE = 2_000  # values drawn per block to fit quantile boundaries
 
 
-def feature_specs(history_length: int, token_length: int) -> list[FeatureSpec]:
-    """The model inputs built from the skeleton schema, each tagged with its tower."""
-    specs = [FeatureSpec(name, "user", "categorical", name) for name in schema.USER_FEATURES]
-    specs.append(FeatureSpec("history", "user", "sequence", "ad_id", history_length))
-    specs += [FeatureSpec(name, "context", "categorical", name) for name in schema.CONTEXT_FEATURES]
-    specs += [FeatureSpec(name, "ad", "categorical", name) for name in schema.AD_FEATURES]
-    specs.append(FeatureSpec("tokens", "ad", "sequence", "tokens", token_length))
+# ---------------------------------------------------------------- config -> rules and specs
+
+
+def feature_options(cfg) -> dict[str, dict]:
+    """{column: options} for every declared feature, with ``table`` and ``group`` filled in."""
+    out = {}
+    for table, group in TABLE_GROUPS.items():
+        section = cfg.data.get(table)
+        for name, options in ((section or {}).get("features") or {}).items():
+            options = OmegaConf.to_container(options, resolve=True) if options is not None else {}
+            out[name] = {"table": table, "group": options.get("group", group), "kind": "categorical", **options}
+    return out
+
+
+def rules_for(cfg, table: str, columns: dict) -> Rules:
+    p = cfg.data.prepare
+    features = {n: o["kind"] for n, o in feature_options(cfg).items() if o["table"] == table}
+    return Rules(
+        columns=columns,
+        features=features,
+        min_ts_ms=int(p.min_ts_ms),
+        max_ts_ms=int(p.max_ts_ms),
+        time_unit=cfg.data.get("time_unit", "s"),
+        time_format=cfg.data.get("time_format", "%Y-%m-%dT%H:%M:%S"),
+        max_string_length=int(p.max_string_length),
+    )
+
+
+def event_columns(cfg) -> dict[str, str | None]:
+    columns = {k: v for k, v in OmegaConf.to_container(cfg.data.events.columns, resolve=True).items() if v}
+    if "event" in columns and "label" in columns:
+        raise ValueError("data.events.columns maps both event and label: a log is either an event log or labelled rows")
+    if "event" not in columns and "label" not in columns:
+        raise ValueError("data.events.columns must map event (impression/click/conversion rows) or label (labelled rows)")
+    return columns
+
+
+def feature_specs(cfg, columns: dict) -> list[FeatureSpec]:
+    """The model inputs this dataset yields, each tagged with its tower (boundaries fitted later)."""
+    p = cfg.data.prepare
+    specs = []
+    if "user_id" in columns:
+        specs.append(FeatureSpec("user_id", "user", "categorical", "user_id", hash_buckets=int(p.id_hash_buckets or 0)))
+    if "ad_id" in columns:
+        specs.append(FeatureSpec("ad_id", "ad", "categorical", "ad_id", hash_buckets=int(p.id_hash_buckets or 0)))
+        if "user_id" in columns and "ts" in columns:
+            specs.append(FeatureSpec("history", "user", "sequence", "ad_id", p.history_length, hash_buckets=int(p.id_hash_buckets or 0)))
+    for name, o in feature_options(cfg).items():
+        hashed = int(o.get("hash_buckets") or 0)
+        if o["kind"] == "categorical":
+            specs.append(FeatureSpec(name, o["group"], "categorical", None if hashed else name, hash_buckets=hashed))
+        elif o["kind"] == "text":
+            specs.append(FeatureSpec(name, o["group"], "sequence", None, int(o.get("max_len", 16)),
+                                     hash_buckets=hashed or 4096, tokenize=True))
+        elif o["kind"] == "numeric":
+            specs.append(FeatureSpec(name, o["group"], "dense", log1p=bool(o.get("log1p", False))))
+            if o.get("quantiles"):
+                specs.append(FeatureSpec(f"{name}_q", o["group"], "bucket", boundaries=(), source=name))
+        else:
+            raise ValueError(f"feature {name}: kind {o['kind']!r} is not one of categorical, numeric, text")
     return specs
+
+
+# ---------------------------------------------------------------- per-block functions
+
+
+def ingest(batch: pa.Table, rules: Rules, key: bytes | None, fill_missing: bool) -> pa.Table:
+    """Canonicalise and validate a batch; pseudonymise user ids before anything is kept."""
+    if fill_missing:  # JSON lines: an absent key is a null value
+        needed = [c for c in rules.columns.values() if c] + list(rules.features)
+        for name in needed:
+            if name not in batch.column_names:
+                batch = batch.append_column(name, pa.nulls(batch.num_rows, pa.string()))
+    table = canonicalize(batch, rules)
+    if key is not None:
+        if "user_id" in table.column_names:
+            table = table.set_column(table.schema.get_field_index("user_id"), "user_id", pseudonymize(table["user_id"], key))
+        if RAW_LINE in table.column_names:  # a malformed line may hold a raw id: keep only that it was there
+            withheld = pc.if_else(pc.is_valid(table[RAW_LINE]), "<withheld: pseudonymised source>", pa.scalar(None, pa.string()))
+            table = table.set_column(table.schema.get_field_index(RAW_LINE), RAW_LINE, withheld)
+    return table
 
 
 def count_values(batch: pa.Table, columns: list[str]) -> pa.Table:
@@ -62,22 +141,12 @@ def count_values(batch: pa.Table, columns: list[str]) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def merge_counts(ds: ray.data.Dataset) -> dict[str, dict[str, int]]:
-    """Sum the per-block counts of ``count_values`` into {feature: {value: count}}."""
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    if not tables:
-        return {}
-    total = pa.concat_tables(tables).group_by(["feature", "value"]).aggregate([("count", "sum")])
-    out: dict[str, dict[str, int]] = {}
-    for feature, value, count in zip(*(total[c].to_pylist() for c in ("feature", "value", "count_sum"))):
-        out.setdefault(feature, {})[value] = count
-    return out
-
-
 def block_stats(batch: pa.Table) -> pa.Table:
     """Counts by validation reason (None = valid) and the valid rows' time range, in ``count_values`` form."""
     counts = count_values(batch, [REASON])
-    valid_ts = pc.cast(batch.filter(pc.is_null(batch[REASON]))["ts"], pa.int64())
+    if "ts" not in batch.column_names:
+        return counts
+    valid_ts = batch.filter(pc.is_null(batch[REASON]))["ts"]
     if len(valid_ts) == 0:
         return counts
     bounds = pa.table(
@@ -93,48 +162,203 @@ def block_stats(batch: pa.Table) -> pa.Table:
 def split_stats(batch: pa.Table) -> pa.Table:
     """Examples and clicks per split, in ``count_values`` form."""
     grouped = batch.group_by("split").aggregate([("label", "count"), ("label", "sum")])
+    n = grouped.num_rows
     return pa.table(
         {
-            "feature": ["examples"] * grouped.num_rows + ["clicks"] * grouped.num_rows,
+            "feature": ["examples"] * n + ["clicks"] * n,
             "value": pa.concat_arrays([grouped["split"].combine_chunks()] * 2),
-            "count": pc.cast(pa.concat_arrays([grouped["label_count"].combine_chunks(), grouped["label_sum"].combine_chunks().cast(pa.int64())]), pa.int64()),
+            "count": pa.concat_arrays(
+                [pc.cast(grouped["label_count"], pa.int64()).combine_chunks(), pc.cast(grouped["label_sum"], pa.int64()).combine_chunks()]
+            ),
         }
     )
+
+
+def sample_numbers(batch: pa.Table, columns: list[str], seed: int) -> pa.Table:
+    """Up to QUANTILE_SAMPLE non-null values of each numeric column, for fitting quantiles."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for name in columns:
+        values = pc.drop_null(batch[name]).to_numpy(zero_copy_only=False).astype(np.float64)
+        if len(values) > QUANTILE_SAMPLE:
+            values = rng.choice(values, QUANTILE_SAMPLE, replace=False)
+        parts.append(pa.table({"feature": pa.array([name] * len(values), pa.string()), "value": pa.array(values, pa.float64())}))
+    return pa.concat_tables(parts)
+
+
+def merge_counts(ds: ray.data.Dataset) -> dict[str, dict[str, int]]:
+    """Sum the per-block counts of ``count_values`` into {feature: {value: count}}."""
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        return {}
+    total = pa.concat_tables(tables).group_by(["feature", "value"]).aggregate([("count", "sum")])
+    out: dict[str, dict[str, int]] = {}
+    for feature, value, count in zip(*(total[c].to_pylist() for c in ("feature", "value", "count_sum"))):
+        out.setdefault(feature, {})[value] = count
+    return out
 
 
 def rows_where(batch: pa.Table, column: str, value: str) -> pa.Table:
     return batch.filter(pc.equal(batch[column], value))
 
 
+def rows_of_split(batch: dict[str, np.ndarray], value: str) -> dict[str, np.ndarray]:
+    keep = batch["split"] == value
+    return {k: v[keep] for k, v in batch.items() if k != "split"}
+
+
 def encode_examples(batch: pa.Table, feature_map: FeatureMap) -> dict[str, np.ndarray]:
-    """Raw example rows -> model-ready int64 columns plus label, ts and split."""
+    """Raw example rows -> model-ready columns plus label, ts, split (and truth where known)."""
     out = feature_map.encode(batch)
     out["label"] = batch["label"].to_numpy().astype(np.float32)
-    out["converted"] = batch["converted"].to_numpy().astype(np.float32)
-    out["ts"] = pc.cast(batch["ts"], pa.int64()).to_numpy()
     out["split"] = batch["split"].to_numpy(zero_copy_only=False)
-    # Ads are not personal data; evaluation needs the raw id to find the clicked ad in the catalog.
-    out["raw_ad_id"] = batch["ad_id"].to_numpy(zero_copy_only=False)
-    if "true_pctr" in batch.column_names:
-        out["true_pctr"] = pc.fill_null(batch["true_pctr"], np.nan).to_numpy().astype(np.float32)
+    for name in ("converted", "true_pctr"):
+        if name in batch.column_names:
+            out[name] = pc.fill_null(pc.cast(batch[name], pa.float32()), np.nan).to_numpy()
+    if "ts" in batch.column_names:
+        out["ts"] = batch["ts"].to_numpy()
+    if "ad_id" in batch.column_names:
+        # Ads are not personal data; evaluation needs the raw id to find the clicked ad in the catalog.
+        out["raw_ad_id"] = batch["ad_id"].to_numpy(zero_copy_only=False)
     return out
 
 
-def read_parquet_checked(path: str, required: tuple[str, ...], what: str) -> ray.data.Dataset:
-    ds = ray.data.read_parquet(path)
-    schema.check_columns(ds.schema().names, required, f"{what} at {path}")
-    return ds
+# ---------------------------------------------------------------- steps
 
 
-def _reset_dir(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
+def check_mapping(spec: SourceSpec, needed: list[str], what: str) -> None:
+    """Name every configured column the source lacks (JSON lines: absent keys are nulls)."""
+    if spec.format == "json":
+        return
+    names = ray.data.read_parquet(spec.paths).schema().names if spec.format == "parquet" else header_names(spec)
+    schema.check_columns(names, needed, what)
 
 
-def _serving_users(users: pa.Table, latest: pa.Table, feature_map: FeatureMap) -> pa.Table:
+def validate(cfg, out: Path, columns: dict, key: bytes | None) -> tuple[ray.data.Dataset, dict]:
+    """Read and validate the event log; write invalid rows to ``out/quarantine``; count.
+
+    Raises when the quarantined share passes ``data.prepare.max_quarantine_fraction``.
+    """
+    p = cfg.data.prepare
+    spec = SourceSpec.from_config(OmegaConf.to_container(cfg.data.events, resolve=True))
+    rules = rules_for(cfg, "events", columns)
+    check_mapping(spec, list(columns.values()) + list(rules.features), f"event log at {spec.paths}")
+    tagged = read_source(spec).map_batches(
+        ingest, batch_format="pyarrow", fn_kwargs={"rules": rules, "key": key, "fill_missing": spec.format == "json"}
+    ).materialize()
+    if "event_id" in columns:
+        partitions = max(2, math.ceil(tagged.count() / p.rows_per_partition))
+        tagged = tagged.repartition(partitions, keys=["event_id"]).map_batches(
+            mark_duplicates, batch_size=None, batch_format="pyarrow"
+        ).materialize()
+    stats = merge_counts(tagged.map_batches(block_stats, batch_format="pyarrow"))
+    by_reason = {k: v for k, v in stats.get(REASON, {}).items() if k is not None}
+    summary = {"rows_read": sum(stats.get(REASON, {}).values()), "rows_quarantined": sum(by_reason.values()), "by_reason": by_reason}
+    if summary["rows_quarantined"]:
+        tagged.map_batches(invalid_rows, batch_format="pyarrow").write_parquet(str(out / "quarantine"))
+    share = summary["rows_quarantined"] / max(summary["rows_read"], 1)
+    if share > p.max_quarantine_fraction or summary["rows_read"] == summary["rows_quarantined"]:
+        raise ValueError(
+            f"{summary['rows_quarantined']} of {summary['rows_read']} events ({share:.1%}) failed validation, above "
+            f"data.prepare.max_quarantine_fraction={p.max_quarantine_fraction}; reasons: {by_reason}. "
+            f"Inspect {out / 'quarantine'} and fix the source or its column mapping, or raise the threshold."
+        )
+    if "ts_min" in stats:
+        summary["ts_min"], summary["ts_max"] = min(map(int, stats["ts_min"])), max(map(int, stats["ts_max"]))
+    return tagged, summary
+
+
+def split_rule(cfg, checked: dict) -> SplitRule:
+    s = cfg.data.prepare.split
+    cutoffs = None
+    if s.kind == "time":
+        if "ts_min" not in checked:
+            raise ValueError("data.prepare.split.kind=time needs a time column: map data.events.columns.ts, or use split.kind=random")
+        span = checked["ts_max"] - checked["ts_min"]
+        cutoffs = (checked["ts_min"] + int(span * s.train), checked["ts_min"] + int(span * (s.train + s.validation)))
+    return SplitRule(kind=s.kind, train=float(s.train), validation=float(s.validation), cutoffs_ms=cutoffs)
+
+
+def label_rule(cfg) -> LabelRule | None:
+    rule = cfg.data.get("label_rule")
+    return LabelRule(**OmegaConf.to_container(rule, resolve=True)) if rule else None
+
+
+def side_table(cfg, table: str, key: bytes | None) -> tuple[pa.Table | None, dict]:
+    """A side table (users, ads) read on the driver, keyed by user_id / ad_id, with its own counts."""
+    section = cfg.data.get(table)
+    if not section:
+        return None, {}
+    role = {"users": "user_id", "ads": "ad_id"}[table]
+    columns = {role: section.key}
+    if table == "ads" and section.get("bid"):
+        columns["bid"] = section.bid
+    spec = SourceSpec.from_config(OmegaConf.to_container(section, resolve=True))
+    rules = rules_for(cfg, table, {role: section.key})
+    check_mapping(spec, list(columns.values()) + list(rules.features), f"{table} table at {spec.paths}")
+    raw = read_table(spec)
+    rows = ingest(raw, rules, key if table == "users" else None, spec.format == "json")
+    if "bid" in columns:
+        rows = rows.append_column("bid", pc.cast(raw[section.bid], pa.float32()))
+    counts = dict(zip(*np.unique(rows[REASON].drop_null().to_numpy(zero_copy_only=False), return_counts=True)))
+    report = {"rows_read": rows.num_rows, "rows_quarantined": int(sum(counts.values())), "by_reason": {k: int(v) for k, v in counts.items()}}
+    return valid_rows(rows), report
+
+
+def labelled_examples(kept, cfg, columns: dict, rule: SplitRule, partitions: int, users, ads) -> ray.data.Dataset:
+    """One raw example per impression or labelled row, with history, split and side attributes."""
+    kwargs = {"history_length": int(cfg.data.prepare.history_length), "split": rule, "label_rule": label_rule(cfg), "seed": int(cfg.seed)}
+    if "user_id" in columns:
+        examples = kept.repartition(partitions, keys=["user_id"], sort=True).map_batches(
+            build_examples, batch_size=None, batch_format="pyarrow", fn_kwargs=kwargs  # whole blocks: every event of a user
+        )
+    else:
+        examples = kept.map_batches(build_examples, batch_format="pyarrow", fn_kwargs=kwargs)
+    if users is not None:
+        examples = examples.join(ray.data.from_arrow(users), "left_outer", partitions, on=("user_id",))
+    if ads is not None:
+        attributes = ads.drop_columns([c for c in ("bid",) if c in ads.column_names])
+        examples = examples.join(ray.data.from_arrow(attributes), "left_outer", partitions, on=("ad_id",))
+    return examples.materialize()
+
+
+def fit_feature_map(examples: ray.data.Dataset, specs: list[FeatureSpec], cfg, metadata: dict) -> FeatureMap:
+    """Vocabularies and quantile boundaries from the training split (distributed per block, merged here)."""
+    train = examples.map_batches(partial(rows_where, column="split", value="train"), batch_format="pyarrow")
+    vocab_columns = sorted({s.vocabulary for s in specs if s.vocabulary and s.kind in ("categorical", "sequence")})
+    counts = merge_counts(train.map_batches(count_values, batch_format="pyarrow", fn_kwargs={"columns": vocab_columns})) if vocab_columns else {}
+    options = feature_options(cfg)
+    min_count = lambda name: int(options.get(name, {}).get("min_count", cfg.data.prepare.min_count))  # noqa: E731
+    vocabularies = {name: Vocabulary.fit(counts.get(name, {}), min_count(name)) for name in vocab_columns}
+    numeric = [s.column for s in specs if s.kind == "bucket"]
+    if numeric:
+        samples = ray.get(train.map_batches(sample_numbers, batch_format="pyarrow", fn_kwargs={"columns": numeric, "seed": int(cfg.seed)}).to_arrow_refs())
+        pooled = pa.concat_tables(samples)
+        fitted = []
+        for spec in specs:
+            if spec.kind == "bucket":
+                values = pooled.filter(pc.equal(pooled["feature"], spec.column))["value"].to_numpy()
+                quantiles = int(options[spec.column]["quantiles"])
+                edges = np.unique(np.quantile(values, np.linspace(0, 1, quantiles + 1)[1:-1])) if len(values) else np.array([])
+                spec = FeatureSpec(**{**vars(spec), "boundaries": tuple(float(e) for e in edges)})
+            fitted.append(spec)
+        specs = fitted
+    return FeatureMap(specs, vocabularies, metadata=metadata)
+
+
+def write_splits(examples: ray.data.Dataset, feature_map: FeatureMap, out: Path, rows_per_file: int) -> dict:
+    """Encode and write ``out/{train,validation,test}/``; return examples and clicks per split."""
+    encoded = examples.map_batches(encode_examples, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map}).materialize()
+    for split in SPLITS:
+        part = encoded.map_batches(partial(rows_of_split, value=split), batch_format="numpy")
+        part.write_parquet(str(out / split), max_rows_per_file=rows_per_file)
+    counts = merge_counts(examples.map_batches(split_stats, batch_format="pyarrow"))
+    return {s: {"examples": counts["examples"].get(s, 0), "clicks": counts["clicks"].get(s, 0)} for s in SPLITS}
+
+
+def serving_users(users: pa.Table | None, latest: pa.Table, feature_map: FeatureMap) -> pa.Table:
     """Encoded user features and latest history, one row per known user, for Serve."""
+    users = users if users is not None else pa.table({"user_id": pa.array([], pa.string())})
     # Users who clicked but have no profile row still get their history served.
     unprofiled = latest.filter(pc.invert(pc.is_in(latest["user_id"], value_set=users["user_id"])))
     users = pa.concat_tables([users, pa.table({"user_id": unprofiled["user_id"]})], promote_options="default")
@@ -143,146 +367,79 @@ def _serving_users(users: pa.Table, latest: pa.Table, feature_map: FeatureMap) -
     joined = users.append_column("history", latest["history"].take(position))
     encoded = feature_map.encode(joined)
     columns = {"raw_user_id": joined["user_id"]}
-    columns.update({name: encoded[name] for name in feature_map.names("user", "categorical")})
+    columns.update({n: encoded[n] for n in feature_map.names("user") if n in encoded and n != "history"})
     columns["history"] = pa.array(list(encoded["history"]), pa.list_(pa.int64()))
     columns["history_len"] = encoded["history_len"]
     return pa.table(columns)
 
 
-def _serving_ads(ads: pa.Table, feature_map: FeatureMap) -> pa.Table:
+def serving_ads(ads: pa.Table, feature_map: FeatureMap) -> pa.Table:
     """The encoded ad catalog: ``raw_ad_id`` and ``bid`` beside the ad tower's inputs."""
     encoded = feature_map.encode(ads)
-    columns = {"raw_ad_id": ads["ad_id"], "bid": ads["bid"]}
-    columns.update({name: encoded[name] for name in feature_map.names("ad", "categorical")})
-    columns["tokens"] = pa.array(list(encoded["tokens"]), pa.list_(pa.int64()))
+    bid = ads["bid"] if "bid" in ads.column_names else pa.array(np.ones(ads.num_rows, np.float32))
+    columns = {"raw_ad_id": ads["ad_id"], "bid": bid}
+    for name in feature_map.names("ad"):
+        if name in encoded:
+            value = encoded[name]
+            columns[name] = pa.array(list(value), pa.list_(pa.int64())) if value.ndim == 2 else value
     return pa.table(columns)
 
 
-def validate(events: ray.data.Dataset, p, out: Path) -> tuple[ray.data.Dataset, dict]:
-    """Tag every row valid or not, write the invalid ones to ``out/quarantine``, and count.
-
-    Returns the tagged dataset and {rows_read, rows_quarantined, by_reason, ts_min, ts_max};
-    raises when the quarantined share passes ``p.max_quarantine_fraction``.
-    """
-    tagged = events.map_batches(
-        tag_invalid, batch_format="pyarrow", fn_kwargs={"min_ts_ms": int(p.min_ts_ms), "max_ts_ms": int(p.max_ts_ms)}
-    ).materialize()
-    stats = merge_counts(tagged.map_batches(block_stats, batch_format="pyarrow"))
-    by_reason = {k: v for k, v in stats.get(REASON, {}).items() if k is not None}
-    summary = {
-        "rows_read": sum(stats[REASON].values()),
-        "rows_quarantined": sum(by_reason.values()),
-        "by_reason": by_reason,
-    }
-    if summary["rows_quarantined"]:
-        tagged.map_batches(invalid_rows, batch_format="pyarrow").write_parquet(str(out / "quarantine"))
-    share = summary["rows_quarantined"] / max(summary["rows_read"], 1)
-    if share > p.max_quarantine_fraction:
-        raise ValueError(
-            f"{summary['rows_quarantined']} of {summary['rows_read']} events ({share:.1%}) failed validation, above "
-            f"data.prepare.max_quarantine_fraction={p.max_quarantine_fraction}; reasons: {by_reason}. "
-            f"Inspect {out / 'quarantine'} and fix the source, or raise the threshold."
+def write_serving_tables(kept, cfg, feature_map: FeatureMap, out: Path, partitions: int, users, ads) -> None:
+    """``users.parquet`` (features + latest history) and ``ads.parquet`` (encoded catalog), when the log has them."""
+    if "history" in {f.name for f in feature_map.features}:
+        positives = kept.map_batches(positive_rows, batch_format="pyarrow", fn_kwargs={"label_rule": label_rule(cfg)})
+        latest = positives.repartition(partitions, keys=["user_id"], sort=True).map_batches(
+            latest_history, batch_size=None, batch_format="pyarrow", fn_kwargs={"history_length": int(cfg.data.prepare.history_length)}
         )
-    if "ts_min" not in stats:
-        raise ValueError("the event log has no valid rows: nothing to prepare")
-    summary["ts_min"], summary["ts_max"] = min(map(int, stats["ts_min"])), max(map(int, stats["ts_max"]))
-    return tagged, summary
-
-
-def time_cutoffs(t_min: int, t_max: int, split) -> tuple[int, int]:
-    """(train_end, validation_end) at fractions ``split.train`` and ``+ split.validation`` of the time span."""
-    span = t_max - t_min
-    return t_min + int(span * split.train), t_min + int(span * (split.train + split.validation))
-
-
-def labelled_examples(
-    kept: ray.data.Dataset, sources: dict, p, partitions: int, cutoffs: tuple[int, int]
-) -> ray.data.Dataset:
-    """One raw example per impression, with label, history, split, and user and ad attributes."""
-    examples = kept.repartition(partitions, keys=["user_id"], sort=True).map_batches(
-        build_examples,
-        batch_size=None,  # whole blocks: each holds every event of its users
-        batch_format="pyarrow",
-        fn_kwargs={"history_length": p.history_length, "cutoffs_ms": cutoffs},
-    )
-    users = read_parquet_checked(sources["users"], ("user_id",), "user profiles")
-    ads = read_parquet_checked(sources["ads"], ("ad_id", "bid"), "ad catalog")
-    return (
-        examples.join(users, "left_outer", partitions, on=("user_id",))
-        .join(ads.drop_columns(["bid"]), "left_outer", partitions, on=("ad_id",))
-        .materialize()
-    )
-
-
-def fit_feature_map(examples: ray.data.Dataset, p, metadata: dict) -> FeatureMap:
-    """Vocabularies from the training split's value counts (distributed per block, merged here)."""
-    specs = feature_specs(p.history_length, p.token_length)
-    vocab_columns = sorted({s.vocabulary for s in specs})
-    train_rows = examples.map_batches(partial(rows_where, column="split", value="train"), batch_format="pyarrow")
-    counts = merge_counts(train_rows.map_batches(count_values, batch_format="pyarrow", fn_kwargs={"columns": vocab_columns}))
-    vocabularies = {name: Vocabulary.fit(counts.get(name, {}), p.min_count) for name in vocab_columns}
-    return FeatureMap(specs, vocabularies, metadata=metadata)
-
-
-def write_splits(examples: ray.data.Dataset, feature_map: FeatureMap, out: Path, rows_per_file: int) -> dict:
-    """Encode and write ``out/{train,validation,test}/``; return examples and clicks per split."""
-    encoded = examples.map_batches(encode_examples, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map}).materialize()
-    for split in SPLITS:
-        part = encoded.map_batches(partial(rows_where_numpy, value=split), batch_format="numpy")
-        part.write_parquet(str(out / split), max_rows_per_file=rows_per_file)
-    counts = merge_counts(examples.map_batches(split_stats, batch_format="pyarrow"))
-    return {s: {"examples": counts["examples"].get(s, 0), "clicks": counts["clicks"].get(s, 0)} for s in SPLITS}
-
-
-def write_serving_tables(kept: ray.data.Dataset, sources: dict, feature_map: FeatureMap, out: Path, partitions: int) -> None:
-    """``users.parquet`` (features + latest history per user) and ``ads.parquet`` (encoded catalog) for Serve."""
-    history_length = feature_map.spec("history").max_len
-    clicks = kept.map_batches(partial(rows_where, column="event", value="click"), batch_format="pyarrow")
-    latest = clicks.repartition(partitions, keys=["user_id"], sort=True).map_batches(
-        latest_history, batch_size=None, batch_format="pyarrow", fn_kwargs={"history_length": history_length}
-    )
-    latest_table = pa.concat_tables(ray.get(latest.to_arrow_refs()), promote_options="default")
-    pq.write_table(_serving_users(pq.read_table(sources["users"]), latest_table, feature_map), out / "users.parquet")
-    pq.write_table(_serving_ads(pq.read_table(sources["ads"]), feature_map), out / "ads.parquet")
+        latest_table = pa.concat_tables(ray.get(latest.to_arrow_refs()), promote_options="default")
+        pq.write_table(serving_users(users, latest_table, feature_map), out / "users.parquet")
+    if ads is not None:
+        pq.write_table(serving_ads(ads, feature_map), out / "ads.parquet")
 
 
 def run(cfg) -> dict:
-    """Prepare ``cfg.data.source`` into ``cfg.paths.prepared_dir``; return the report."""
+    """Prepare ``cfg.data`` into ``cfg.paths.prepared_dir``; return the report."""
     started = time.time()
     p = cfg.data.prepare
     out = Path(resolve(cfg.paths.prepared_dir))
     init_ray_from(cfg)
-    sources = {k: resolve(v) for k, v in cfg.data.source.items()}
-    events = read_parquet_checked(sources["events"], schema.EVENTS_REQUIRED, "event log")
-    _reset_dir(out)
+    columns = event_columns(cfg)
+    key = pseudonym_key(cfg.data.get("pseudonym_key")) if cfg.data.get("pseudonymize") else None
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
 
-    tagged, checked = validate(events, p, out)
-    train_end, validation_end = time_cutoffs(checked["ts_min"], checked["ts_max"], p.split)
+    tagged, checked = validate(cfg, out, columns, key)
+    rule = split_rule(cfg, checked)
     # Blocks of about rows_per_partition events each keep per-task memory flat as the log grows.
     partitions = int(p.num_partitions or max(2, math.ceil(checked["rows_read"] / p.rows_per_partition)))
+    users, users_report = side_table(cfg, "users", key)
+    ads, ads_report = side_table(cfg, "ads", key)
     kept = tagged.map_batches(valid_rows, batch_format="pyarrow")
-    examples = labelled_examples(kept, sources, p, partitions, (train_end, validation_end))
-    cutoffs = {"start": checked["ts_min"], "train_end": train_end, "validation_end": validation_end, "end": checked["ts_max"]}
-    feature_map = fit_feature_map(examples, p, metadata={"cutoffs_ms": cutoffs, "sources": sources})
+    examples = labelled_examples(kept, cfg, columns, rule, partitions, users, ads)
+    metadata = {
+        "dataset": cfg.data.name,
+        "split": {"kind": rule.kind, "cutoffs_ms": rule.cutoffs_ms},
+        "pseudonymized": key is not None,
+    }
+    feature_map = fit_feature_map(examples, feature_specs(cfg, columns), cfg, metadata)
     feature_map.save(out / "feature_map.json")
     splits = write_splits(examples, feature_map, out, int(p.rows_per_file))
-    write_serving_tables(kept, sources, feature_map, out, partitions)
+    write_serving_tables(kept, cfg, feature_map, out, partitions, users, ads)
 
     report = {
+        "dataset": cfg.data.name,
         "rows_read": checked["rows_read"],
         "rows_kept": checked["rows_read"] - checked["rows_quarantined"],
         "rows_quarantined": checked["rows_quarantined"],
         "quarantined_by_reason": checked["by_reason"],
+        "side_tables": {"users": users_report, "ads": ads_report},
         "splits": splits,
-        "cutoffs_ms": cutoffs,
+        "split": metadata["split"],
         "vocabulary_sizes": {name: v.cardinality for name, v in feature_map.vocabularies.items()},
         "partitions": partitions,
         "seconds": round(time.time() - started, 1),
     }
     write_json(out / "report.json", report)
     return report
-
-
-def rows_where_numpy(batch: dict[str, np.ndarray], value: str) -> dict[str, np.ndarray]:
-    keep = batch["split"] == value
-    return {k: v[keep] for k, v in batch.items() if k != "split"}

@@ -23,10 +23,11 @@ def mlp(input_dim: int, hidden_dims: list[int], output_dim: int) -> nn.Sequentia
 
 
 class EmbeddingMLPTower(nn.Module):
-    """Concatenate embeddings of categorical features and mean-pooled sequences; apply an MLP.
+    """Concatenate embeddings of categorical features, mean-pooled sequences and dense values; apply an MLP.
 
     categorical: {feature name: vocabulary cardinality}, each input (B,) int64.
     sequences: {feature name: vocabulary cardinality}, each input (B, L) int64 padded with PAD.
+    dense: feature names, each input (B,) float32.
     oov_dropout: share of training values of each categorical feature replaced by OOV, so every
         OOV row learns what "unknown" means: a new user or ad, a missing attribute or context.
     Output: (B, output_dim).
@@ -39,6 +40,7 @@ class EmbeddingMLPTower(nn.Module):
         embedding_dim: int,
         hidden_dims: list[int],
         output_dim: int,
+        dense: list[str] | None = None,
         oov_dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -49,6 +51,7 @@ class EmbeddingMLPTower(nn.Module):
             "embedding_dim": embedding_dim,
             "hidden_dims": list(hidden_dims),
             "output_dim": output_dim,
+            "dense": list(dense or []),
             "oov_dropout": oov_dropout,
         }
         self.embeddings = nn.ModuleDict({name: nn.Embedding(card, embedding_dim) for name, card in categorical.items()})
@@ -56,12 +59,13 @@ class EmbeddingMLPTower(nn.Module):
         self.pools = nn.ModuleDict(
             {name: nn.EmbeddingBag(card, embedding_dim, mode="mean", padding_idx=PAD) for name, card in sequences.items()}
         )
-        self.mlp = mlp(embedding_dim * (len(categorical) + len(sequences)), hidden_dims, output_dim)
+        self.dense = list(dense or [])
+        self.mlp = mlp(embedding_dim * (len(categorical) + len(sequences)) + len(self.dense), hidden_dims, output_dim)
         self.oov_dropout = oov_dropout
 
     @property
     def feature_names(self) -> list[str]:
-        return list(self.embeddings) + list(self.pools)
+        return list(self.embeddings) + list(self.pools) + self.dense
 
     def _hide(self, ids: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.oov_dropout > 0):
@@ -72,4 +76,5 @@ class EmbeddingMLPTower(nn.Module):
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = [emb(self._hide(features[name])) for name, emb in self.embeddings.items()]
         parts += [pool(features[name]) for name, pool in self.pools.items()]
+        parts += [features[name].float().unsqueeze(-1) for name in self.dense]
         return self.mlp(torch.cat(parts, dim=-1))

@@ -37,9 +37,24 @@ def build_two_tower(
 ) -> TwoTower:
     """Size both towers from ``feature_map``: user + context features on one side, ad features on the other."""
 
+    if not (feature_map.names("user") and feature_map.names("ad")):
+        raise ValueError(
+            "the two-tower model needs user and ad features, and this dataset has "
+            f"user={feature_map.names('user')} ad={feature_map.names('ad')}: map user_id and ad_id in data.events.columns"
+        )
+
     def tower(groups: tuple[str, ...]) -> EmbeddingMLPTower:
-        categorical = {n: feature_map.cardinality(n) for g in groups for n in feature_map.names(g, "categorical")}
-        sequences = {n: feature_map.cardinality(n) for g in groups for n in feature_map.names(g, "sequence")}
-        return EmbeddingMLPTower(categorical, sequences, embedding_dim, hidden_dims, output_dim, oov_dropout=oov_dropout)
+        def names(kind: str) -> list[str]:
+            return [n for g in groups for n in feature_map.names(g, kind)]
+
+        return EmbeddingMLPTower(
+            {n: feature_map.cardinality(n) for n in names("categorical") + names("bucket")},
+            {n: feature_map.cardinality(n) for n in names("sequence")},
+            embedding_dim,
+            hidden_dims,
+            output_dim,
+            dense=names("dense"),
+            oov_dropout=oov_dropout,
+        )
 
     return TwoTower(tower(("user", "context")), tower(("ad",)))

@@ -1,0 +1,180 @@
+"""Reading users' logs as they are: Parquet, CSV/TSV or JSON lines, local or any pyarrow URI.
+
+A source is a few lines of config (see conf/data/*.yaml)::
+
+    path: s3://bucket/logs/       # file, directory, or list; any pyarrow filesystem URI
+    format: csv                   # parquet | csv | json (JSON lines)
+    csv: {delimiter: "\\t", header: false, column_names: [...], encoding: utf8}
+
+Text formats are read line by line and parsed per batch, so a malformed line becomes a
+quarantined row (reason ``malformed_row``, its text kept) instead of a crash, and every
+column arrives as a string, to be cast and checked by validation. A file that is not what
+its format says is reported by name before any work starts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray.data
+
+from adrec.runtime import resolve
+
+RAW_LINE = "raw_line"  # text of a line that could not be parsed; null on parsed rows
+PEEK_BYTES = 1 << 16
+
+
+@dataclass
+class SourceSpec:
+    path: str | list[str]
+    format: str = "parquet"
+    delimiter: str = ","
+    header: bool = True
+    column_names: list[str] | None = None
+    encoding: str = "utf8"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "SourceSpec":
+        csv = dict(cfg.get("csv") or {})
+        fmt = cfg.get("format", "parquet")
+        if fmt not in ("parquet", "csv", "json"):
+            raise ValueError(f"source format {fmt!r} is not supported: use parquet, csv or json")
+        return cls(
+            path=cfg["path"],
+            format=fmt,
+            delimiter=csv.get("delimiter", ","),
+            header=csv.get("header", True),
+            column_names=list(csv["column_names"]) if csv.get("column_names") else None,
+            encoding=csv.get("encoding", "utf8"),
+        )
+
+    @property
+    def paths(self) -> list[str]:
+        return [resolve(p) for p in ([self.path] if isinstance(self.path, str) else self.path)]
+
+
+def list_files(paths: list[str]) -> list[tuple[pafs.FileSystem, str]]:
+    """Every file under ``paths`` (files or directories), skipping hidden and ``_`` files."""
+    files = []
+    for path in paths:
+        fs, inner = pafs.FileSystem.from_uri(path)
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"source path {path} does not exist")
+        if info.type == pafs.FileType.File:
+            files.append((fs, inner))
+            continue
+        for entry in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+            name = entry.base_name
+            if entry.type == pafs.FileType.File and not name.startswith((".", "_")):
+                files.append((fs, entry.path))
+    if not files:
+        raise FileNotFoundError(f"no data files under {paths}")
+    return sorted(files, key=lambda f: f[1])
+
+
+def check_files(spec: SourceSpec) -> None:
+    """Fail fast, naming the file, on a Parquet file without a valid footer or a text file that is binary."""
+    for fs, path in list_files(spec.paths):
+        if spec.format == "parquet":
+            try:
+                with fs.open_input_file(path) as f:
+                    pq.read_metadata(f)
+            except (pa.ArrowInvalid, OSError) as error:
+                raise ValueError(f"{path} is not a readable Parquet file ({error}); remove or replace it") from None
+        else:
+            with fs.open_input_stream(path) as f:
+                head = f.read(PEEK_BYTES)
+            if b"\x00" in head:
+                raise ValueError(f"{path} holds binary data, not {spec.format} text; remove or replace it")
+            try:
+                head.decode(spec.encoding, errors="strict")
+            except UnicodeDecodeError as error:
+                if error.start < len(head) - 4:  # a cut multi-byte character at the end is fine
+                    raise ValueError(f"{path} is not {spec.encoding} text ({error}); set csv.encoding") from None
+
+
+def header_names(spec: SourceSpec) -> list[str]:
+    """Column names: configured, or the first line of the first file."""
+    if spec.column_names:
+        return spec.column_names
+    if spec.format != "csv" or not spec.header:
+        raise ValueError("a CSV source without a header needs csv.column_names")
+    fs, path = list_files(spec.paths)[0]
+    with fs.open_input_stream(path) as f:
+        first = f.read(PEEK_BYTES).decode(spec.encoding, errors="replace").splitlines()[0]
+    parsed = pacsv.read_csv(
+        io.BytesIO((first + "\n").encode()),
+        read_options=pacsv.ReadOptions(autogenerate_column_names=True),
+        parse_options=pacsv.ParseOptions(delimiter=spec.delimiter),
+        convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
+    )
+    return [str(column[0].as_py()) for column in parsed.columns]
+
+
+def parse_csv_lines(batch: pa.Table, names: list[str], delimiter: str) -> pa.Table:
+    """Lines of text -> string columns ``names`` plus RAW_LINE for lines that did not parse."""
+    lines = batch["text"].to_pylist()
+    header = delimiter.join(names)
+    lines = [line for line in lines if line and line != header]
+    bad: list[str] = []
+
+    def keep_bad(row) -> str:
+        bad.append(row.text)
+        return "skip"
+
+    table = pacsv.read_csv(
+        io.BytesIO("\n".join(lines).encode()),
+        read_options=pacsv.ReadOptions(column_names=names),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=keep_bad, newlines_in_values=False),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=True),
+    ) if lines else pa.table({n: pa.array([], pa.string()) for n in names})
+    table = table.append_column(RAW_LINE, pa.nulls(table.num_rows, pa.string()))
+    if bad:
+        rejected = pa.table({**{n: pa.nulls(len(bad), pa.string()) for n in names}, RAW_LINE: pa.array(bad, pa.string())})
+        table = pa.concat_tables([table, rejected])
+    return table
+
+
+def parse_json_lines(batch: pa.Table) -> pa.Table:
+    """JSON objects, one per line -> string columns (union of keys) plus RAW_LINE for bad lines."""
+    rows, bad = [], []
+    for line in batch["text"].to_pylist():
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+            if not isinstance(value, dict):
+                raise ValueError
+            rows.append({k: None if v is None else (v if isinstance(v, str) else json.dumps(v)) for k, v in value.items()})
+        except ValueError:
+            bad.append(line)
+    names = sorted({k for row in rows for k in row})
+    columns = {n: pa.array([row.get(n) for row in rows] + [None] * len(bad), pa.string()) for n in names}
+    columns[RAW_LINE] = pa.array([None] * len(rows) + bad, pa.string())
+    return pa.table(columns)
+
+
+def read_source(spec: SourceSpec) -> ray.data.Dataset:
+    """The source as a Dataset; text formats come as all-string columns plus RAW_LINE."""
+    check_files(spec)
+    if spec.format == "parquet":
+        return ray.data.read_parquet(spec.paths)
+    lines = ray.data.read_text(spec.paths, encoding=spec.encoding)
+    if spec.format == "csv":
+        return lines.map_batches(
+            parse_csv_lines, batch_format="pyarrow", fn_kwargs={"names": header_names(spec), "delimiter": spec.delimiter}
+        )
+    return lines.map_batches(parse_json_lines, batch_format="pyarrow")
+
+
+def read_table(spec: SourceSpec) -> pa.Table:
+    """A small side table (ads, users) on the driver, read with the same parsers."""
+    return pa.concat_tables(ray.get(read_source(spec).to_arrow_refs()), promote_options="permissive")
