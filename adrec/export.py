@@ -11,7 +11,16 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from adrec.inference import embed
-from adrec.registry import LATEST, MODEL_FORMAT, load_checkpoint, new_version, save_tower, write_manifest
+from adrec.registry import (
+    LATEST,
+    MODEL_FORMAT,
+    ArtifactError,
+    check_same_features,
+    load_checkpoint,
+    new_version,
+    save_tower,
+    write_manifest,
+)
 from adrec.runtime import read_json, require, resolve, write_json
 
 
@@ -19,9 +28,14 @@ def run(cfg) -> dict:
     """Write ``models_dir/<version>/`` and point ``models_dir/LATEST`` at it; return its summary."""
     prepared = Path(resolve(cfg.paths.prepared_dir))
     trained = read_json(require(Path(resolve(cfg.paths.train_dir)) / "result.json", "jobs/train.py"))
-    metrics_path = Path(resolve(cfg.paths.eval_dir)) / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    metrics = read_json(require(Path(resolve(cfg.paths.eval_dir)) / "metrics.json", "jobs/evaluate.py"))
+    if metrics.get("checkpoint") != trained["best_checkpoint"]:
+        raise ArtifactError(
+            f"the metrics in {cfg.paths.eval_dir} are for {metrics.get('checkpoint')}, not the trained model "
+            f"{trained['best_checkpoint']}: run jobs/evaluate.py again before exporting"
+        )
     model = load_checkpoint(trained["best_checkpoint"])
+    check_same_features(trained["best_checkpoint"], prepared)
 
     root = Path(resolve(cfg.paths.models_dir))
     version = new_version()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from adrec.models.towers import EmbeddingMLPTower
 from adrec.models.two_tower import TwoTower
 
 MANIFEST = "manifest.json"
+FEATURE_MAP = "feature_map.json"
 LATEST = "LATEST"
 CHECKPOINT_FORMAT = "adrec.checkpoint/1"
 MODEL_FORMAT = "adrec.model/1"
@@ -53,13 +55,20 @@ def write_manifest(directory: Path, **fields) -> dict:
 
 
 def verify_manifest(directory: str | Path) -> dict:
-    """Return the manifest after checking every listed file; raise ArtifactError otherwise."""
+    """Return the manifest after checking that it lists every file of ``directory`` and each matches.
+
+    Raises ArtifactError otherwise: a file nobody checksummed is never loaded.
+    """
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{directory} has no {MANIFEST}: not an adrec artifact, refusing to load it")
     manifest = json.loads(path.read_text())
-    for name, expected in manifest.get("files", {}).items():
+    listed = manifest.get("files") or {}
+    unlisted = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST and p.name not in listed)
+    if not listed or unlisted:
+        raise ArtifactError(f"{path} does not cover {unlisted or 'any file'}: refusing to load unverified files")
+    for name, expected in listed.items():
         file = directory / name
         if not file.is_file():
             raise ArtifactError(f"{file} is listed in the manifest but missing; the artifact is incomplete")
@@ -72,10 +81,11 @@ def _tower_from(config: dict) -> EmbeddingMLPTower:
     return EmbeddingMLPTower(**config)
 
 
-def save_checkpoint(model: TwoTower, directory: str | Path, **fields) -> None:
-    """Write a training checkpoint: weights, constructor args, and a manifest."""
+def save_checkpoint(model: TwoTower, directory: str | Path, feature_map: str | Path, **fields) -> None:
+    """Write a training checkpoint: weights, constructor args, the feature map it was trained with, a manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(feature_map, directory / FEATURE_MAP)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
     config = {"format": CHECKPOINT_FORMAT, "user_tower": model.user_tower.config, "ad_tower": model.ad_tower.config}
     (directory / "model.json").write_text(json.dumps(config, indent=2))
@@ -92,6 +102,16 @@ def load_checkpoint(directory: str | Path) -> TwoTower:
     model = TwoTower(_tower_from(config["user_tower"]), _tower_from(config["ad_tower"]))
     model.load_state_dict(load_file(directory / "model.safetensors"))
     return model.eval()
+
+
+def check_same_features(checkpoint: str | Path, prepared_dir: str | Path) -> None:
+    """Raise unless ``prepared_dir`` holds the feature map the checkpoint was trained with."""
+    trained, current = Path(checkpoint) / FEATURE_MAP, Path(prepared_dir) / FEATURE_MAP
+    if sha256_file(trained) != sha256_file(current):
+        raise ArtifactError(
+            f"{current} differs from the feature map {checkpoint} was trained with: preparation ran again "
+            "after training; run jobs/train.py again (or jobs/pipeline.py) before evaluating or exporting"
+        )
 
 
 def new_version() -> str:

@@ -18,7 +18,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    # One print per worker line instead of two (see ../shared/RAY-NOTES.md).
+    # Ray Train 2.x patches print() on workers, so each line would show twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.init(address=address, num_cpus=num_cpus)
     # Our pipelines are many and short: one progress line per stage beats Ray Data's per-pipeline logs.

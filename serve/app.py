@@ -14,7 +14,7 @@ from typing import Annotated
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -24,19 +24,32 @@ from adrec.runtime import resolve
 
 MAX_ID_LENGTH = 256
 MAX_FIELDS = 16  # attributes and context entries per request
+MAX_RECENT = 1000  # hard cap on recent_ad_ids before parsing more; AppArgs.max_history is the served limit
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 
 
-class EncoderArgs(BaseModel):
+class Strict(BaseModel):
+    """Unknown fields are errors, so a typo ("topk", "max_replica") is reported, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncoderArgs(Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(4, gt=0)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.002, ge=0)
 
+    @model_validator(mode="after")
+    def replicas_in_order(self) -> "EncoderArgs":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
 
-class AppArgs(BaseModel):
+
+class AppArgs(Strict):
     """Arguments of ``build_app``, from a Serve config's ``args`` or the ``serve run`` command line."""
 
     model_dir: str = Field(..., description="an exported model version directory, or a registry root with LATEST")
@@ -45,10 +58,12 @@ class AppArgs(BaseModel):
     user_encoder: EncoderArgs = EncoderArgs()
 
 
-class RecommendRequest(BaseModel):
+class RecommendRequest(Strict):
     user_id: Id
     k: int = Field(10, ge=1)
-    recent_ad_ids: list[Id] = Field(default_factory=list, description="ads the user clicked recently, most recent first")
+    recent_ad_ids: list[Id] = Field(
+        default_factory=list, max_length=MAX_RECENT, description="ads the user clicked recently, most recent first"
+    )
     attributes: dict[Id, Id] = Field(
         default_factory=dict, max_length=MAX_FIELDS, description="profile attributes, for users the model has not seen"
     )
@@ -115,6 +130,15 @@ class Recommender:
             raise HTTPException(
                 422, detail=[{"loc": ["body", "recent_ad_ids"], "msg": f"at most {self.max_history} recent ads"}]
             )
+        known = {"attributes": self.model.features.attribute_columns, "context": self.model.features.context_columns}
+        unknown = [
+            {"loc": ["body", field, key], "msg": f"unknown {field} field; this model knows {known[field]}"}
+            for field in ("attributes", "context")
+            for key in getattr(request, field)
+            if key not in known[field]
+        ]
+        if unknown:
+            raise HTTPException(422, detail=unknown)
         query = UserQuery(request.user_id, request.recent_ad_ids, request.attributes, request.context)
         features = self.model.features.build([query])
         user = await self.encoder.encode.remote(features)
@@ -126,9 +150,9 @@ class Recommender:
         )
 
 
-def build_app(args: dict) -> serve.Application:
-    """Typed app builder for ``serve run`` and Serve config files."""
-    parsed = AppArgs(**args)
+def build_app(args: AppArgs) -> serve.Application:
+    """Typed app builder: Serve validates ``serve run`` arguments and config-file ``args`` against AppArgs."""
+    parsed = args
     # Pin one version for every replica, and make the path independent of replica working dirs.
     model_dir = str(resolve_model_dir(resolve(parsed.model_dir)))
     enc = parsed.user_encoder

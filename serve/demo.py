@@ -10,7 +10,7 @@ from ray import serve
 
 from adrec.registry import resolve_model_dir
 from adrec.runtime import resolve
-from serve.app import build_app
+from serve.app import AppArgs, build_app
 
 
 def post_json(url: str, body: dict, timeout_s: float = 30.0) -> tuple[int, dict]:
@@ -35,8 +35,14 @@ def run(cfg) -> list[dict]:
     """Serve ``cfg.serve.model_dir``, print and return the answers to the demo requests."""
     model_dir = resolve(cfg.serve.model_dir)
     serve.start(http_options={"host": cfg.serve.host, "port": int(cfg.serve.port)})
-    app = build_app({"model_dir": model_dir, "max_k": cfg.serve.max_k, "max_history": cfg.serve.max_history,
-                     "user_encoder": dict(cfg.serve.user_encoder)})
+    app = build_app(
+        AppArgs(
+            model_dir=model_dir,
+            max_k=cfg.serve.max_k,
+            max_history=cfg.serve.max_history,
+            user_encoder=dict(cfg.serve.user_encoder),
+        )
+    )
     serve.run(app, name="adrec", route_prefix="/", logging_config={"enable_access_log": False})
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/recommend"
     answers = []

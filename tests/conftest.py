@@ -2,7 +2,7 @@
 
 import os
 
-# Set before Ray is imported anywhere (see ../shared/RAY-NOTES.md): fast Train reports,
+# Set before Ray is imported anywhere: fast Train reports (the controller polls every 2 s by default),
 # no token auth on the throwaway local cluster, quiet progress output.
 for key, value in {
     "RAY_USAGE_STATS_ENABLED": "0",

@@ -129,6 +129,11 @@ def test_export_is_self_describing_and_refuses_tampering(tiny_run, tmp_path):
     with pytest.raises(ArtifactError, match="corrupt or tampered"):
         verify_manifest(copy)
 
+    (copy / "user_encoder.safetensors").write_bytes((model_dir / "user_encoder.safetensors").read_bytes())
+    (copy / "extra.safetensors").write_bytes(b"weights nobody checksummed")
+    with pytest.raises(ArtifactError, match="does not cover"):
+        verify_manifest(copy)
+
 
 def test_checkpoint_with_a_changed_weight_file_is_refused(tiny_run, tmp_path):
     copy = tmp_path / "ckpt"

@@ -4,12 +4,13 @@ import socket
 from pathlib import Path
 
 import httpx
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from ray import serve
 
-from adrec.features import OOV
+from adrec.features import OOV, FeatureMap
 from adrec.recommend import ServingModel, UserQuery
 from serve.app import AppArgs, build_app
 
@@ -28,7 +29,7 @@ def app_url(tiny_run):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     models_root = tiny_run["cfg"].paths.models_dir  # a registry root: LATEST picks the version
-    serve.run(build_app({"model_dir": models_root, "max_k": MAX_K, "max_history": 5}), name="adrec", route_prefix="/")
+    serve.run(build_app(AppArgs(model_dir=models_root, max_k=MAX_K, max_history=5)), name="adrec", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -69,7 +70,15 @@ def test_unknown_user_gets_recommendations_not_an_error(app_url, catalog):
     assert len({ad["ad_id"] for ad in answer.json()["ads"]} & catalog) == 5
 
 
-def test_recent_clicks_in_the_request_change_the_ranking(app_url, catalog):
+def test_recent_clicks_in_the_request_change_the_ranking(app_url, tiny_run):
+    # Two different known ads as the only history: the user tower must see which ones.
+    known = FeatureMap.load(Path(tiny_run["export"]["model_dir"]) / "feature_map.json").vocabularies["ad_id"].values
+    one = httpx.post(f"{app_url}/recommend", json={"user_id": "someone-new", "k": 10, "recent_ad_ids": [known[0]]}, timeout=30)
+    other = httpx.post(f"{app_url}/recommend", json={"user_id": "someone-new", "k": 10, "recent_ad_ids": [known[1]]}, timeout=30)
+    assert [a["score"] for a in one.json()["ads"]] != [a["score"] for a in other.json()["ads"]]
+
+
+def test_history_shapes_the_ranking_at_all(app_url, catalog):
     ads = sorted(catalog)[:3]
     plain = httpx.post(f"{app_url}/recommend", json={"user_id": "someone-new", "k": 10}, timeout=30).json()
     primed = httpx.post(f"{app_url}/recommend", json={"user_id": "someone-new", "k": 10, "recent_ad_ids": ads}, timeout=30).json()
@@ -89,6 +98,9 @@ def test_recent_clicks_in_the_request_change_the_ranking(app_url, catalog):
         ({"user_id": "u" * 300}, "user_id"),
         ({"user_id": "u1", "recent_ad_ids": ["a" * 300]}, "recent_ad_ids"),
         ({"user_id": "u1", "context": {f"key{i}": "v" for i in range(17)}}, "context"),
+        ({"user_id": "u1", "topk": 3}, "topk"),
+        ({"user_id": "u1", "context": {"devise": "mobile"}}, "devise"),
+        ({"user_id": "u1", "attributes": {"age": "30"}}, "age"),
     ],
 )
 def test_malformed_requests_get_422_naming_the_field(app_url, body, field):
@@ -102,12 +114,15 @@ def test_body_that_is_not_json_gets_422(app_url):
     assert answer.status_code == 422
 
 
-def test_serve_config_yaml_is_a_valid_app(tiny_run):
+def test_serve_config_yaml_is_a_valid_app():
     config = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
     (app,) = config["applications"]
     assert app["import_path"] == "serve.app:build_app"
-    args = AppArgs(**app["args"])
-    assert args.user_encoder.max_replicas >= args.user_encoder.min_replicas
+    AppArgs(**app["args"])  # unknown keys are errors, so a typo in the YAML fails here
+    with pytest.raises(ValueError, match="max_replica"):
+        AppArgs(**{**app["args"], "user_encoder": {"max_replica": 3}})
+    with pytest.raises(ValueError, match="above max_replicas"):
+        AppArgs(**{**app["args"], "user_encoder": {"min_replicas": 3, "max_replicas": 1}})
 
 
 def test_feature_builder_merges_request_and_stored_history(tiny_run):
@@ -117,7 +132,7 @@ def test_feature_builder_merges_request_and_stored_history(tiny_run):
     stored = model.features.store.history[row, : model.features.store.history_len[row]].tolist()
     recent_ad = model.index.ad_ids[0]
     features = model.features.build([UserQuery(user, recent_ad_ids=[recent_ad]), UserQuery("someone-new")])
-    encoded_recent = model.features.feature_map.vocabularies["ad_id"].encode(__import__("pyarrow").array([recent_ad]))[0]
+    encoded_recent = model.features.feature_map.vocabularies["ad_id"].encode(pa.array([recent_ad]))[0]
     length = features["history_len"][0]
     assert features["history"][0, :length].tolist() == ([encoded_recent] + stored)[: len(features["history"][0])]
     assert features["user_id"][1] == OOV and features["history_len"][1] == 0

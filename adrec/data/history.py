@@ -67,8 +67,9 @@ def history_before(
     click_ts, query_ts: (C,), (Q,) int64 epoch milliseconds. click_ad: (C,) ad ids.
     Returns (Q,) lists of at most ``length`` ad ids.
     """
-    t0 = min(click_ts.min(initial=0), query_ts.min(initial=0))
-    span = int(max(click_ts.max(initial=0), query_ts.max(initial=0)) - t0 + 1)
+    times = np.concatenate([click_ts, query_ts])
+    t0 = int(times.min()) if len(times) else 0
+    span = int(times.max()) - t0 + 1 if len(times) else 1
     top_user = int(max(click_user.max(initial=0), query_user.max(initial=0)))
     if top_user * span >= 2**62:
         raise OverflowError("too many users x time span in one block; raise data.prepare.num_partitions")

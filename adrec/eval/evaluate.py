@@ -20,7 +20,7 @@ import torch
 
 from adrec.eval.metrics import auc, classification_metrics, logloss, rank_of_target, retrieval_metrics
 from adrec.inference import embed, to_features
-from adrec.registry import load_checkpoint
+from adrec.registry import check_same_features, load_checkpoint
 from adrec.runtime import init_ray_from, read_json, require, resolve, write_json
 
 
@@ -94,6 +94,7 @@ def run(cfg) -> dict:
     prepared = Path(resolve(cfg.paths.prepared_dir))
     trained = read_json(require(Path(resolve(cfg.paths.train_dir)) / "result.json", "jobs/train.py"))
     model = load_checkpoint(trained["best_checkpoint"])
+    check_same_features(trained["best_checkpoint"], prepared)
     catalog = pq.read_table(prepared / "ads.parquet")
     catalog_ids = catalog["raw_ad_id"].combine_chunks()
     ad_matrix = embed(model.ad_tower, catalog).numpy()  # (A, D)

@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if context.get_world_rank() == 0:
-                save_checkpoint(bare, tmp, epoch=epoch + 1, metrics=metrics)
+                save_checkpoint(bare, tmp, config["feature_map"], epoch=epoch + 1, metrics=metrics)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         history.append(metrics)
