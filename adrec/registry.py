@@ -78,7 +78,10 @@ def verify_manifest(directory: str | Path) -> dict:
 
 
 def _tower_from(config: dict) -> EmbeddingMLPTower:
-    return EmbeddingMLPTower(**config)
+    try:
+        return EmbeddingMLPTower(**config)
+    except TypeError as error:
+        raise ArtifactError(f"tower arguments {sorted(config)} do not fit this adrec version ({error}); re-export the model") from None
 
 
 def save_checkpoint(model: TwoTower, directory: str | Path, feature_map: str | Path, **fields) -> None:

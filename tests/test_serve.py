@@ -4,6 +4,7 @@ import socket
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from ray import serve
 
 from adrec.features import OOV, FeatureMap
-from adrec.recommend import ServingModel, UserQuery
+from adrec.recommend import FeatureBuilder, ServingModel, UserQuery, UserStore
 from serve.app import AppArgs, build_app
 
 pytestmark = pytest.mark.slow
@@ -136,3 +137,38 @@ def test_feature_builder_merges_request_and_stored_history(tiny_run):
     length = features["history_len"][0]
     assert features["history"][0, :length].tolist() == ([encoded_recent] + stored)[: len(features["history"][0])]
     assert features["user_id"][1] == OOV and features["history_len"][1] == 0
+
+
+def test_a_logged_request_gives_the_training_tensors(tiny_run):
+    """Parity: the same impression, as a prepared example and as a raw request, encodes identically."""
+    cfg = tiny_run["cfg"]
+    prepared = Path(cfg.paths.prepared_dir)
+    fm = FeatureMap.load(prepared / "feature_map.json")
+    log = pq.read_table(Path(cfg.paths.raw_dir) / "events").to_pandas()
+    log = log[~log.event_id.str.startswith("bad-")].assign(t=lambda d: d.ts.astype("datetime64[ms, UTC]").astype("int64"))
+    clicks = log[log.event == "click"].sort_values("t")
+    profiles = pq.read_table(Path(cfg.paths.raw_dir) / "users").to_pandas().set_index("user_id")
+    examples = pq.read_table(prepared / "test").to_pandas()
+    examples = examples[examples.user_id > OOV].head(300)
+
+    queries = []
+    for row in examples.itertuples():
+        user = fm.vocabularies["user_id"].values[row.user_id - 2]
+        (impression,) = log[(log.user_id == user) & (log.t == row.ts) & (log.event == "impression")].itertuples()
+        earlier = clicks[(clicks.user_id == user) & (clicks.t < row.ts)].ad_id.tolist()[::-1]
+        queries.append(
+            UserQuery(
+                user,
+                recent_ad_ids=earlier,
+                attributes={k: profiles.loc[user, k] for k in ("age_bucket", "gender", "region")},
+                context={"slot": impression.slot, "device": impression.device},
+            )
+        )
+    no_state = pa.table({"raw_user_id": pa.array([], pa.string()), "history": pa.array([], pa.list_(pa.int64())),
+                         "history_len": pa.array([], pa.int64())})
+    built = FeatureBuilder(fm, UserStore(no_state, fm)).build(queries)
+    user_inputs = [f.name for f in fm.features if f.group in ("user", "context")]
+    assert user_inputs == ["user_id", "history", "slot", "device", "age_bucket", "gender", "region"]
+    for name in user_inputs:
+        expected = np.stack(examples[name].to_numpy()) if name == "history" else examples[name].to_numpy()
+        assert (built[name] == expected).all(), name

@@ -25,11 +25,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from omegaconf import OmegaConf
+from ray.data.extensions import ArrowTensorArray
 
-from adrec.data import schema
 from adrec.data.history import SPLITS, LabelRule, SplitRule, build_examples, latest_history, positive_rows
 from adrec.data.privacy import pseudonym_key, pseudonymize
-from adrec.data.sources import RAW_LINE, SourceSpec, header_names, read_source, read_table
+from adrec.data.sources import RAW_LINE, SourceSpec, read_source, read_table
 from adrec.data.validate import REASON, Rules, canonicalize, invalid_rows, mark_duplicates, valid_rows
 from adrec.features import FeatureMap, FeatureSpec, Vocabulary
 from adrec.runtime import init_ray_from, resolve, write_json
@@ -202,12 +202,12 @@ def rows_where(batch: pa.Table, column: str, value: str) -> pa.Table:
     return batch.filter(pc.equal(batch[column], value))
 
 
-def rows_of_split(batch: dict[str, np.ndarray], value: str) -> dict[str, np.ndarray]:
-    keep = batch["split"] == value
-    return {k: v[keep] for k, v in batch.items() if k != "split"}
+def to_arrow(columns: dict[str, np.ndarray]) -> pa.Table:
+    """(N,) arrays as plain columns, (N, L) arrays as Ray tensor columns: typed even when N = 0."""
+    return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim == 2 else pa.array(v) for k, v in columns.items()})
 
 
-def encode_examples(batch: pa.Table, feature_map: FeatureMap) -> dict[str, np.ndarray]:
+def encode_examples(batch: pa.Table, feature_map: FeatureMap) -> pa.Table:
     """Raw example rows -> model-ready columns plus label, ts, split (and truth where known)."""
     out = feature_map.encode(batch)
     out["label"] = batch["label"].to_numpy().astype(np.float32)
@@ -220,18 +220,10 @@ def encode_examples(batch: pa.Table, feature_map: FeatureMap) -> dict[str, np.nd
     if "ad_id" in batch.column_names:
         # Ads are not personal data; evaluation needs the raw id to find the clicked ad in the catalog.
         out["raw_ad_id"] = batch["ad_id"].to_numpy(zero_copy_only=False)
-    return out
+    return to_arrow(out)
 
 
 # ---------------------------------------------------------------- steps
-
-
-def check_mapping(spec: SourceSpec, needed: list[str], what: str) -> None:
-    """Name every configured column the source lacks (JSON lines: absent keys are nulls)."""
-    if spec.format == "json":
-        return
-    names = ray.data.read_parquet(spec.paths).schema().names if spec.format == "parquet" else header_names(spec)
-    schema.check_columns(names, needed, what)
 
 
 def validate(cfg, out: Path, columns: dict, key: bytes | None) -> tuple[ray.data.Dataset, dict]:
@@ -242,8 +234,8 @@ def validate(cfg, out: Path, columns: dict, key: bytes | None) -> tuple[ray.data
     p = cfg.data.prepare
     spec = SourceSpec.from_config(OmegaConf.to_container(cfg.data.events, resolve=True))
     rules = rules_for(cfg, "events", columns)
-    check_mapping(spec, list(columns.values()) + list(rules.features), f"event log at {spec.paths}")
-    tagged = read_source(spec).map_batches(
+    needed = list(columns.values()) + list(rules.features)
+    tagged = read_source(spec, needed, f"event log at {spec.paths}").map_batches(
         ingest, batch_format="pyarrow", fn_kwargs={"rules": rules, "key": key, "fill_missing": spec.format == "json"}
     ).materialize()
     if "event_id" in columns:
@@ -295,8 +287,7 @@ def side_table(cfg, table: str, key: bytes | None) -> tuple[pa.Table | None, dic
         columns["bid"] = section.bid
     spec = SourceSpec.from_config(OmegaConf.to_container(section, resolve=True))
     rules = rules_for(cfg, table, {role: section.key})
-    check_mapping(spec, list(columns.values()) + list(rules.features), f"{table} table at {spec.paths}")
-    raw = read_table(spec)
+    raw = read_table(spec, list(columns.values()) + list(rules.features), f"{table} table at {spec.paths}")
     rows = ingest(raw, rules, key if table == "users" else None, spec.format == "json")
     if "bid" in columns:
         rows = rows.append_column("bid", pc.cast(raw[section.bid], pa.float32()))
@@ -350,7 +341,7 @@ def write_splits(examples: ray.data.Dataset, feature_map: FeatureMap, out: Path,
     """Encode and write ``out/{train,validation,test}/``; return examples and clicks per split."""
     encoded = examples.map_batches(encode_examples, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map}).materialize()
     for split in SPLITS:
-        part = encoded.map_batches(partial(rows_of_split, value=split), batch_format="numpy")
+        part = encoded.map_batches(partial(rows_where, column="split", value=split), batch_format="pyarrow").drop_columns(["split"])
         part.write_parquet(str(out / split), max_rows_per_file=rows_per_file)
     counts = merge_counts(examples.map_batches(split_stats, batch_format="pyarrow"))
     return {s: {"examples": counts["examples"].get(s, 0), "clicks": counts["clicks"].get(s, 0)} for s in SPLITS}

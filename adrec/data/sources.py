@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
+from adrec.data.schema import check_columns
 from adrec.runtime import resolve
 
 RAW_LINE = "raw_line"  # text of a line that could not be parsed; null on parsed rows
@@ -134,7 +135,10 @@ def parse_csv_lines(batch: pa.Table, names: list[str], delimiter: str) -> pa.Tab
         io.BytesIO("\n".join(lines).encode()),
         read_options=pacsv.ReadOptions(column_names=names),
         parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=keep_bad, newlines_in_values=False),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=True),
+        # Only an empty field is missing: "nan", "NULL" or "N/A" reach validation as written.
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names}, strings_can_be_null=True, null_values=[""]
+        ),
     ) if lines else pa.table({n: pa.array([], pa.string()) for n in names})
     table = table.append_column(RAW_LINE, pa.nulls(table.num_rows, pa.string()))
     if bad:
@@ -162,9 +166,24 @@ def parse_json_lines(batch: pa.Table) -> pa.Table:
     return pa.table(columns)
 
 
-def read_source(spec: SourceSpec) -> ray.data.Dataset:
-    """The source as a Dataset; text formats come as all-string columns plus RAW_LINE."""
+def column_names(spec: SourceSpec) -> list[str] | None:
+    """The source's columns: a Parquet footer, the CSV header or configured names; None for JSON lines."""
+    if spec.format == "parquet":
+        fs, path = list_files(spec.paths)[0]
+        with fs.open_input_file(path) as f:
+            return pq.read_schema(f).names
+    return header_names(spec) if spec.format == "csv" else None
+
+
+def read_source(spec: SourceSpec, required: list[str], what: str) -> ray.data.Dataset:
+    """The source as a Dataset; text formats come as all-string columns plus RAW_LINE.
+
+    Files are checked, and ``required`` columns looked for, before any work starts.
+    """
     check_files(spec)
+    names = column_names(spec)
+    if names is not None:  # JSON lines: an absent key is a null value, checked row by row
+        check_columns(names, required, what)
     if spec.format == "parquet":
         return ray.data.read_parquet(spec.paths)
     lines = ray.data.read_text(spec.paths, encoding=spec.encoding)
@@ -175,6 +194,6 @@ def read_source(spec: SourceSpec) -> ray.data.Dataset:
     return lines.map_batches(parse_json_lines, batch_format="pyarrow")
 
 
-def read_table(spec: SourceSpec) -> pa.Table:
+def read_table(spec: SourceSpec, required: list[str], what: str) -> pa.Table:
     """A small side table (ads, users) on the driver, read with the same parsers."""
-    return pa.concat_tables(ray.get(read_source(spec).to_arrow_refs()), promote_options="permissive")
+    return pa.concat_tables(ray.get(read_source(spec, required, what).to_arrow_refs()), promote_options="permissive")
