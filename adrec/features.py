@@ -239,3 +239,24 @@ def dense(column: pa.Array | pa.ChunkedArray, log1p: bool) -> np.ndarray:
     if log1p:
         values = np.sign(values) * np.log1p(np.abs(values))
     return values.astype(np.float32)
+
+
+def lookup_lists(lists: pa.Array | pa.ChunkedArray, keys: pa.Array, values: pa.Array) -> pa.ListArray:
+    """Map every item of (N,) lists through ``keys -> values``; unknown items become null (OOV)."""
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    lists = pc.fill_null(lists, pa.scalar([], lists.type))
+    mapped = values.take(pc.index_in(pc.list_flatten(lists), value_set=keys))
+    offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(lists).to_numpy(zero_copy_only=False))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), mapped)
+
+
+def add_history_attributes(table: pa.Table, lookups: dict[str, tuple[pa.Array, pa.Array]]) -> pa.Table:
+    """Append ``history_<attribute>``: each history ad's attribute (e.g. category), from the catalog.
+
+    lookups: {attribute: (catalog ad ids, their raw attribute values)}. Used by preparation and
+    by Serve, so both derive these lists the same way.
+    """
+    for attribute, (ad_ids, values) in lookups.items():
+        table = table.append_column(f"history_{attribute}", lookup_lists(table["history"], ad_ids, values))
+    return table

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from adrec.data.privacy import pseudonym_key, pseudonymize
-from adrec.features import FeatureMap, FeatureSpec
+from adrec.features import FeatureMap, FeatureSpec, add_history_attributes
 from adrec.inference import column_to_numpy
 from adrec.registry import load_ad_embeddings, resolve_model_dir, verify_manifest
 
@@ -32,8 +32,8 @@ class UserQuery:
 
 
 def profile_specs(feature_map: FeatureMap, group: str) -> list[FeatureSpec]:
-    """A group's features other than the ids and the history: what a request may state in raw form."""
-    return [f for f in feature_map.features if f.group == group and f.name not in ("user_id", "history")]
+    """A group's features other than the ids and histories: what a request may state in raw form."""
+    return [f for f in feature_map.features if f.group == group and f.name != "user_id" and not f.name.startswith("history")]
 
 
 class UserStore:
@@ -42,8 +42,7 @@ class UserStore:
     def __init__(self, users: pa.Table, feature_map: FeatureMap) -> None:
         self.index = {uid: i for i, uid in enumerate(users["raw_user_id"].to_pylist())}
         self.attributes = {f.name: column_to_numpy(users[f.name]) for f in profile_specs(feature_map, "user") if f.name in users.column_names}
-        self.history = column_to_numpy(users["history"])  # (U, N)
-        self.history_len = column_to_numpy(users["history_len"])
+        self.history = users["history"].to_pylist()  # raw ad ids per user, most recent first
 
     def row(self, user_id: str) -> int | None:
         return self.index.get(user_id)
@@ -57,9 +56,16 @@ class FeatureBuilder:
     request's recent ads.
     """
 
-    def __init__(self, feature_map: FeatureMap, store: UserStore, pseudonym_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        feature_map: FeatureMap,
+        store: UserStore,
+        lookups: dict[str, tuple[pa.Array, pa.Array]] | None = None,
+        pseudonym_key: bytes | None = None,
+    ) -> None:
         self.feature_map = feature_map
         self.store = store
+        self.lookups = lookups or {}
         self.pseudonym_key = pseudonym_key
         self.user_specs = profile_specs(feature_map, "user")
         self.attribute_columns = sorted({f.column for f in self.user_specs})
@@ -72,28 +78,24 @@ class FeatureBuilder:
         return pseudonymize(ids, self.pseudonym_key) if self.pseudonym_key else ids
 
     def build(self, queries: list[UserQuery]) -> dict[str, np.ndarray]:
-        """(B,) int64 per categorical or bucket feature, (B,) float32 per dense one, (B, N) ``history``."""
+        """(B,) int64 per categorical or bucket feature, (B,) float32 per dense one, (B, N) per history."""
         user_ids = self.user_ids(queries)
+        rows = [self.store.row(uid) for uid in user_ids.to_pylist()]
         raw = {"user_id": user_ids}
         for name in self.attribute_columns:
             raw[name] = pa.array([q.attributes.get(name) for q in queries], pa.string())
         for name in self.context_columns:
             raw[name] = pa.array([q.context.get(name) for q in queries], pa.string())
-        raw["history"] = pa.array([q.recent_ad_ids for q in queries], pa.list_(pa.string()))
-        encoded = self.feature_map.encode(pa.table(raw))
-        for i, (query, user_id) in enumerate(zip(queries, user_ids.to_pylist())):
-            row = self.store.row(user_id)
+        # The request's recent ads first, then what the log knew, as one most-recent-first history.
+        histories = [q.recent_ad_ids + (self.store.history[r] if r is not None else []) for q, r in zip(queries, rows)]
+        raw["history"] = pa.array([h[: self.history_length] for h in histories], pa.list_(pa.string()))
+        encoded = self.feature_map.encode(add_history_attributes(pa.table(raw), self.lookups))
+        for i, (query, row) in enumerate(zip(queries, rows)):
             if row is None:
                 continue
             for spec in self.user_specs:
                 if spec.column not in query.attributes and spec.name in self.store.attributes:
                     encoded[spec.name][i] = self.store.attributes[spec.name][row]
-            fresh = encoded["history"][i, : encoded["history_len"][i]]
-            stored = self.store.history[row, : self.store.history_len[row]]
-            merged = np.concatenate([fresh, stored])[: self.history_length]
-            encoded["history"][i] = 0
-            encoded["history"][i, : len(merged)] = merged
-            encoded["history_len"][i] = len(merged)
         return encoded
 
 
@@ -145,7 +147,12 @@ class ServingModel:
         feature_map = FeatureMap.load(model_dir / "feature_map.json")
         store = UserStore(pq.read_table(model_dir / "users.parquet"), feature_map)
         key = pseudonym_key(None) if feature_map.metadata.get("pseudonymized") else None
-        catalog = pq.read_table(model_dir / "ads.parquet", columns=["raw_ad_id", "bid"])
+        catalog = pq.read_table(model_dir / "ads.parquet")
+        lookups = {
+            name.removeprefix("raw_"): (catalog["raw_ad_id"].combine_chunks(), catalog[name].combine_chunks())
+            for name in catalog.column_names
+            if name.startswith("raw_") and name != "raw_ad_id"
+        }
         meta = json.loads((model_dir / "model.json").read_text())
         index = AdIndex(
             catalog["raw_ad_id"].to_pylist(),
@@ -153,4 +160,4 @@ class ServingModel:
             load_ad_embeddings(model_dir),
             float(meta["logit_bias"]),
         )
-        return cls(manifest["version"], model_dir, FeatureBuilder(feature_map, store, key), index)
+        return cls(manifest["version"], model_dir, FeatureBuilder(feature_map, store, lookups, key), index)

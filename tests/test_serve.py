@@ -6,6 +6,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -42,7 +43,7 @@ def catalog(tiny_run):
 
 def known_user(tiny_run) -> str:
     users = pq.read_table(Path(tiny_run["export"]["model_dir"]) / "users.parquet")
-    return users.filter(users["history_len"].to_numpy() > 0)["raw_user_id"][0].as_py()
+    return users.filter(pa.compute.list_value_length(users["history"]).to_numpy() > 0)["raw_user_id"][0].as_py()
 
 
 def test_healthz_names_the_serving_version(app_url, tiny_run):
@@ -129,14 +130,16 @@ def test_serve_config_yaml_is_a_valid_app():
 def test_feature_builder_merges_request_and_stored_history(tiny_run):
     model = ServingModel.load(tiny_run["export"]["model_dir"])
     user = known_user(tiny_run)
-    row = model.features.store.row(user)
-    stored = model.features.store.history[row, : model.features.store.history_len[row]].tolist()
+    stored = model.features.store.history[model.features.store.row(user)]
     recent_ad = model.index.ad_ids[0]
     features = model.features.build([UserQuery(user, recent_ad_ids=[recent_ad]), UserQuery("someone-new")])
-    encoded_recent = model.features.feature_map.vocabularies["ad_id"].encode(pa.array([recent_ad]))[0]
     length = features["history_len"][0]
-    assert features["history"][0, :length].tolist() == ([encoded_recent] + stored)[: len(features["history"][0])]
+    expected = ([recent_ad] + stored)[: features["history"].shape[1]]
+    encoded = model.features.feature_map.vocabularies["ad_id"].encode(pa.array(expected))
+    assert features["history"][0, :length].tolist() == encoded.tolist()
     assert features["user_id"][1] == OOV and features["history_len"][1] == 0
+    # Each history ad's category comes from the catalog, as in preparation.
+    assert features["history_category_len"][0] == length
 
 
 def test_a_logged_request_gives_the_training_tensors(tiny_run):
@@ -164,11 +167,12 @@ def test_a_logged_request_gives_the_training_tensors(tiny_run):
                 context={"slot": impression.slot, "device": impression.device},
             )
         )
-    no_state = pa.table({"raw_user_id": pa.array([], pa.string()), "history": pa.array([], pa.list_(pa.int64())),
-                         "history_len": pa.array([], pa.int64())})
-    built = FeatureBuilder(fm, UserStore(no_state, fm)).build(queries)
+    no_state = pa.table({"raw_user_id": pa.array([], pa.string()), "history": pa.array([], pa.list_(pa.string()))})
+    catalog = pq.read_table(Path(cfg.paths.raw_dir) / "ads")
+    lookups = {"category": (catalog["ad_id"].combine_chunks(), catalog["category"].combine_chunks())}
+    built = FeatureBuilder(fm, UserStore(no_state, fm), lookups).build(queries)
     user_inputs = [f.name for f in fm.features if f.group in ("user", "context")]
-    assert user_inputs == ["user_id", "history", "slot", "device", "age_bucket", "gender", "region"]
+    assert user_inputs == ["user_id", "history", "history_category", "slot", "device", "age_bucket", "gender", "region"]
     for name in user_inputs:
-        expected = np.stack(examples[name].to_numpy()) if name == "history" else examples[name].to_numpy()
+        expected = np.stack(examples[name].to_numpy()) if name.startswith("history") else examples[name].to_numpy()
         assert (built[name] == expected).all(), name

@@ -31,7 +31,7 @@ from adrec.data.history import SPLITS, LabelRule, SplitRule, build_examples, lat
 from adrec.data.privacy import pseudonym_key, pseudonymize
 from adrec.data.sources import RAW_LINE, SourceSpec, read_source, read_table
 from adrec.data.validate import REASON, Rules, canonicalize, invalid_rows, mark_duplicates, valid_rows
-from adrec.features import FeatureMap, FeatureSpec, Vocabulary
+from adrec.features import FeatureMap, FeatureSpec, Vocabulary, add_history_attributes
 from adrec.runtime import init_ray_from, resolve, write_json
 
 TABLE_GROUPS = {"events": "context", "users": "user", "ads": "ad"}
@@ -85,6 +85,11 @@ def feature_specs(cfg, columns: dict) -> list[FeatureSpec]:
         specs.append(FeatureSpec("ad_id", "ad", "categorical", "ad_id", hash_buckets=int(p.id_hash_buckets or 0)))
         if "user_id" in columns and "ts" in columns:
             specs.append(FeatureSpec("history", "user", "sequence", "ad_id", p.history_length, hash_buckets=int(p.id_hash_buckets or 0)))
+            options = feature_options(cfg)
+            for attribute in p.get("history_attributes") or []:
+                hashed = int(options[attribute].get("hash_buckets") or 0)
+                specs.append(FeatureSpec(f"history_{attribute}", "user", "sequence", None if hashed else attribute,
+                                         p.history_length, hash_buckets=hashed))
     for name, o in feature_options(cfg).items():
         hashed = int(o.get("hash_buckets") or 0)
         if o["kind"] == "categorical":
@@ -207,9 +212,9 @@ def to_arrow(columns: dict[str, np.ndarray]) -> pa.Table:
     return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim == 2 else pa.array(v) for k, v in columns.items()})
 
 
-def encode_examples(batch: pa.Table, feature_map: FeatureMap) -> pa.Table:
+def encode_examples(batch: pa.Table, feature_map: FeatureMap, lookups: dict) -> pa.Table:
     """Raw example rows -> model-ready columns plus label, ts, split (and truth where known)."""
-    out = feature_map.encode(batch)
+    out = feature_map.encode(add_history_attributes(batch, lookups) if lookups else batch)
     out["label"] = batch["label"].to_numpy().astype(np.float32)
     out["split"] = batch["split"].to_numpy(zero_copy_only=False)
     for name in ("converted", "true_pctr"):
@@ -337,9 +342,20 @@ def fit_feature_map(examples: ray.data.Dataset, specs: list[FeatureSpec], cfg, m
     return FeatureMap(specs, vocabularies, metadata=metadata)
 
 
-def write_splits(examples: ray.data.Dataset, feature_map: FeatureMap, out: Path, rows_per_file: int) -> dict:
+def history_lookups(ads: pa.Table | None, attributes: list[str]) -> dict[str, tuple[pa.Array, pa.Array]]:
+    """{attribute: (ad ids, raw values)} from the catalog, for ``history_<attribute>`` features."""
+    if not attributes:
+        return {}
+    if ads is None:
+        raise ValueError("data.prepare.history_attributes needs an ad catalog (data.ads)")
+    return {a: (ads["ad_id"].combine_chunks(), ads[a].combine_chunks()) for a in attributes}
+
+
+def write_splits(examples: ray.data.Dataset, feature_map: FeatureMap, lookups: dict, out: Path, rows_per_file: int) -> dict:
     """Encode and write ``out/{train,validation,test}/``; return examples and clicks per split."""
-    encoded = examples.map_batches(encode_examples, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map}).materialize()
+    encoded = examples.map_batches(
+        encode_examples, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map, "lookups": lookups}
+    ).materialize()
     for split in SPLITS:
         part = encoded.map_batches(partial(rows_where, column="split", value=split), batch_format="pyarrow").drop_columns(["split"])
         part.write_parquet(str(out / split), max_rows_per_file=rows_per_file)
@@ -356,11 +372,11 @@ def serving_users(users: pa.Table | None, latest: pa.Table, feature_map: Feature
     # Table.join cannot carry list columns, so look histories up by position.
     position = pc.index_in(users["user_id"], value_set=latest["user_id"])
     joined = users.append_column("history", latest["history"].take(position))
-    encoded = feature_map.encode(joined)
+    encoded = feature_map.encode(joined.drop_columns(["history"]))
     columns = {"raw_user_id": joined["user_id"]}
-    columns.update({n: encoded[n] for n in feature_map.names("user") if n in encoded and n != "history"})
-    columns["history"] = pa.array(list(encoded["history"]), pa.list_(pa.int64()))
-    columns["history_len"] = encoded["history_len"]
+    columns.update({n: encoded[n] for n in feature_map.names("user") if n in encoded})
+    # Raw ad ids, most recent first: Serve merges them with a request's and encodes them as training did.
+    columns["history"] = pc.fill_null(joined["history"], pa.scalar([], pa.list_(pa.string())))
     return pa.table(columns)
 
 
@@ -369,6 +385,10 @@ def serving_ads(ads: pa.Table, feature_map: FeatureMap) -> pa.Table:
     encoded = feature_map.encode(ads)
     bid = ads["bid"] if "bid" in ads.column_names else pa.array(np.ones(ads.num_rows, np.float32))
     columns = {"raw_ad_id": ads["ad_id"], "bid": bid}
+    for spec in feature_map.features:  # raw attributes that histories are mapped through at serving time
+        if spec.name.startswith("history_"):
+            attribute = spec.name.removeprefix("history_")
+            columns[f"raw_{attribute}"] = ads[attribute]
     for name in feature_map.names("ad"):
         if name in encoded:
             value = encoded[name]
@@ -416,7 +436,8 @@ def run(cfg) -> dict:
     }
     feature_map = fit_feature_map(examples, feature_specs(cfg, columns), cfg, metadata)
     feature_map.save(out / "feature_map.json")
-    splits = write_splits(examples, feature_map, out, int(p.rows_per_file))
+    lookups = history_lookups(ads, list(p.get("history_attributes") or []))
+    splits = write_splits(examples, feature_map, lookups, out, int(p.rows_per_file))
     write_serving_tables(kept, cfg, feature_map, out, partitions, users, ads)
 
     report = {

@@ -1,0 +1,102 @@
+"""Preparation at scale: synthetic logs of 1M and 10M events through ``adrec.data.prepare``.
+
+    python benchmarks/prepare.py                      # 1M and 10M events (what the README quotes)
+    python benchmarks/prepare.py --events 100000000   # the documented 100M run; needs ~60 GB of disk
+
+Prints JSON: {"runs": [{events, rows_per_s, wall_s, driver_peak_mb, workers_peak_mb, ...}]}.
+Memory is sampled every 0.2 s: the driver's RSS, and the largest RSS of any Ray worker
+process (``workers_peak_mb``) beside the peak of all workers together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import psutil  # noqa: E402 (pip install -e ".[bench]")
+import ray  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from adrec.data import prepare, synthetic  # noqa: E402
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+EVENTS_PER_IMPRESSION = 1.11  # clicks and conversions on top of impressions, as the generator draws them
+
+
+class PeakMemory:
+    """Samples the RSS of this process and of every Ray worker process in a background thread."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.driver = self.worker = self.workers_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            self.driver = max(self.driver, me.memory_info().rss)
+            sizes = []
+            for proc in psutil.process_iter(["name", "cmdline"]):
+                try:
+                    if (proc.info["cmdline"] or [""])[0].startswith("ray::"):
+                        sizes.append(proc.memory_info().rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            if sizes:
+                self.worker = max(self.worker, max(sizes))
+                self.workers_total = max(self.workers_total, sum(sizes))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_size(events: int, out_dir: Path) -> dict:
+    impressions = int(events / EVENTS_PER_IMPRESSION)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[f"run_dir={out_dir / str(events)}", f"data.generator.num_impressions={impressions}", "data.generator.rows_per_shard=1000000"],
+        )
+    synthetic.run(cfg)
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        report = prepare.run(cfg)
+    wall = time.perf_counter() - started
+    mb = 1 / 2**20
+    return {
+        "events": report["rows_read"],
+        "examples": sum(s["examples"] for s in report["splits"].values()),
+        "wall_s": round(wall, 1),
+        "rows_per_s": round(report["rows_read"] / wall),
+        "driver_peak_mb": round(memory.driver * mb),
+        "workers_peak_mb": round(memory.worker * mb),
+        "workers_total_peak_mb": round(memory.workers_total * mb),
+        "partitions": report["partitions"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--out-dir", type=Path, default=Path("/tmp/adrec-bench-prepare"))
+    args = parser.parse_args()
+    ray.init()
+    runs = [run_size(n, args.out_dir) for n in args.events]
+    print(json.dumps({"runs": runs, "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
