@@ -4,8 +4,11 @@
     python benchmarks/prepare.py --events 100000000   # the documented 100M run; needs ~60 GB of disk
 
 Prints JSON: {"runs": [{events, rows_per_s, wall_s, driver_peak_mb, workers_peak_mb, ...}]}.
-Memory is sampled every 0.2 s: the driver's RSS, and the largest RSS of any Ray worker
-process (``workers_peak_mb``) beside the peak of all workers together.
+Memory is sampled every 0.5 s: the driver's RSS; for Ray's worker processes their anonymous
+(heap) memory from /proc/PID/smaps_rollup, the largest of any one worker (``workers_peak_mb``)
+and of all together; and the object store's use of /dev/shm. RSS and USS would also count the
+object-store pages a worker has read or written (the store maps them but never touches them),
+so they grow with whatever the object store holds; the worker RSS peak is reported beside.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+import numpy as np  # noqa: E402
 import psutil  # noqa: E402 (pip install -e ".[bench]")
 import ray  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -29,12 +34,22 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 EVENTS_PER_IMPRESSION = 1.11  # clicks and conversions on top of impressions, as the generator draws them
 
 
+def anonymous_bytes(pid: int) -> int:
+    """A process's anonymous (heap) memory: its own data, not files or shared memory it maps."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class PeakMemory:
     """Samples the RSS of this process and of every Ray worker process in a background thread."""
 
-    def __init__(self, interval_s: float = 0.2) -> None:
+    def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
-        self.driver = self.worker = self.workers_total = 0
+        self.driver = self.worker = self.workers_total = self.worker_rss = self.object_store = 0
+        self.worker_name = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -42,16 +57,22 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             self.driver = max(self.driver, me.memory_info().rss)
-            sizes = []
+            unique, resident, names = [], [], []
             for proc in psutil.process_iter(["name", "cmdline"]):
                 try:
                     if (proc.info["cmdline"] or [""])[0].startswith("ray::"):
-                        sizes.append(proc.memory_info().rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        unique.append(anonymous_bytes(proc.pid))
+                        resident.append(proc.memory_info().rss)
+                        names.append(proc.info["cmdline"][0])
+                except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                     continue
-            if sizes:
-                self.worker = max(self.worker, max(sizes))
-                self.workers_total = max(self.workers_total, sum(sizes))
+            self.object_store = max(self.object_store, shutil.disk_usage("/dev/shm").used)
+            if unique:
+                if max(unique) > self.worker:
+                    self.worker_name = names[int(np.argmax(unique))]
+                self.worker = max(self.worker, max(unique))
+                self.workers_total = max(self.workers_total, sum(unique))
+                self.worker_rss = max(self.worker_rss, max(resident))
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "PeakMemory":
@@ -84,6 +105,9 @@ def run_size(events: int, out_dir: Path) -> dict:
         "driver_peak_mb": round(memory.driver * mb),
         "workers_peak_mb": round(memory.worker * mb),
         "workers_total_peak_mb": round(memory.workers_total * mb),
+        "workers_peak_rss_mb": round(memory.worker_rss * mb),
+        "object_store_peak_mb": round(memory.object_store * mb),
+        "workers_peak_process": memory.worker_name,
         "partitions": report["partitions"],
     }
 

@@ -29,7 +29,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from adrec.data.history import SPLITS, LabelRule, SplitRule, build_examples, latest_history, positive_rows
 from adrec.data.privacy import pseudonym_key, pseudonymize
-from adrec.data.sources import RAW_LINE, SourceSpec, read_source, read_table
+from adrec.data.sources import BATCH_ROWS, RAW_LINE, SourceSpec, read_source, read_table
 from adrec.data.validate import REASON, Rules, canonicalize, invalid_rows, mark_duplicates, valid_rows
 from adrec.features import FeatureMap, FeatureSpec, Vocabulary, add_history_attributes
 from adrec.runtime import init_ray_from, resolve, write_json
@@ -241,18 +241,18 @@ def validate(cfg, out: Path, columns: dict, key: bytes | None) -> tuple[ray.data
     rules = rules_for(cfg, "events", columns)
     needed = list(columns.values()) + list(rules.features)
     tagged = read_source(spec, needed, f"event log at {spec.paths}").map_batches(
-        ingest, batch_format="pyarrow", fn_kwargs={"rules": rules, "key": key, "fill_missing": spec.format == "json"}
+        ingest, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"rules": rules, "key": key, "fill_missing": spec.format == "json"}
     ).materialize()
     if "event_id" in columns:
         partitions = max(2, math.ceil(tagged.count() / p.rows_per_partition))
         tagged = tagged.repartition(partitions, keys=["event_id"]).map_batches(
             mark_duplicates, batch_size=None, batch_format="pyarrow"
         ).materialize()
-    stats = merge_counts(tagged.map_batches(block_stats, batch_format="pyarrow"))
+    stats = merge_counts(tagged.map_batches(block_stats, batch_size=BATCH_ROWS, batch_format="pyarrow"))
     by_reason = {k: v for k, v in stats.get(REASON, {}).items() if k is not None}
     summary = {"rows_read": sum(stats.get(REASON, {}).values()), "rows_quarantined": sum(by_reason.values()), "by_reason": by_reason}
     if summary["rows_quarantined"]:
-        tagged.map_batches(invalid_rows, batch_format="pyarrow").write_parquet(str(out / "quarantine"))
+        tagged.map_batches(invalid_rows, batch_size=BATCH_ROWS, batch_format="pyarrow").write_parquet(str(out / "quarantine"))
     share = summary["rows_quarantined"] / max(summary["rows_read"], 1)
     if share > p.max_quarantine_fraction or summary["rows_read"] == summary["rows_quarantined"]:
         raise ValueError(
@@ -309,7 +309,7 @@ def labelled_examples(kept, cfg, columns: dict, rule: SplitRule, partitions: int
             build_examples, batch_size=None, batch_format="pyarrow", fn_kwargs=kwargs  # whole blocks: every event of a user
         )
     else:
-        examples = kept.map_batches(build_examples, batch_format="pyarrow", fn_kwargs=kwargs)
+        examples = kept.map_batches(build_examples, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs=kwargs)
     if users is not None:
         examples = examples.join(ray.data.from_arrow(users), "left_outer", partitions, on=("user_id",))
     if ads is not None:
@@ -320,15 +320,15 @@ def labelled_examples(kept, cfg, columns: dict, rule: SplitRule, partitions: int
 
 def fit_feature_map(examples: ray.data.Dataset, specs: list[FeatureSpec], cfg, metadata: dict) -> FeatureMap:
     """Vocabularies and quantile boundaries from the training split (distributed per block, merged here)."""
-    train = examples.map_batches(partial(rows_where, column="split", value="train"), batch_format="pyarrow")
+    train = examples.map_batches(partial(rows_where, column="split", value="train"), batch_size=BATCH_ROWS, batch_format="pyarrow")
     vocab_columns = sorted({s.vocabulary for s in specs if s.vocabulary and s.kind in ("categorical", "sequence")})
-    counts = merge_counts(train.map_batches(count_values, batch_format="pyarrow", fn_kwargs={"columns": vocab_columns})) if vocab_columns else {}
+    counts = merge_counts(train.map_batches(count_values, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"columns": vocab_columns})) if vocab_columns else {}
     options = feature_options(cfg)
     min_count = lambda name: int(options.get(name, {}).get("min_count", cfg.data.prepare.min_count))  # noqa: E731
     vocabularies = {name: Vocabulary.fit(counts.get(name, {}), min_count(name)) for name in vocab_columns}
     numeric = [s.column for s in specs if s.kind == "bucket"]
     if numeric:
-        samples = ray.get(train.map_batches(sample_numbers, batch_format="pyarrow", fn_kwargs={"columns": numeric, "seed": int(cfg.seed)}).to_arrow_refs())
+        samples = ray.get(train.map_batches(sample_numbers, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"columns": numeric, "seed": int(cfg.seed)}).to_arrow_refs())
         pooled = pa.concat_tables(samples)
         fitted = []
         for spec in specs:
@@ -354,12 +354,12 @@ def history_lookups(ads: pa.Table | None, attributes: list[str]) -> dict[str, tu
 def write_splits(examples: ray.data.Dataset, feature_map: FeatureMap, lookups: dict, out: Path, rows_per_file: int) -> dict:
     """Encode and write ``out/{train,validation,test}/``; return examples and clicks per split."""
     encoded = examples.map_batches(
-        encode_examples, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map, "lookups": lookups}
+        encode_examples, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map, "lookups": lookups}
     ).materialize()
     for split in SPLITS:
-        part = encoded.map_batches(partial(rows_where, column="split", value=split), batch_format="pyarrow").drop_columns(["split"])
+        part = encoded.map_batches(partial(rows_where, column="split", value=split), batch_size=BATCH_ROWS, batch_format="pyarrow").drop_columns(["split"])
         part.write_parquet(str(out / split), max_rows_per_file=rows_per_file)
-    counts = merge_counts(examples.map_batches(split_stats, batch_format="pyarrow"))
+    counts = merge_counts(examples.map_batches(split_stats, batch_size=BATCH_ROWS, batch_format="pyarrow"))
     return {s: {"examples": counts["examples"].get(s, 0), "clicks": counts["clicks"].get(s, 0)} for s in SPLITS}
 
 
@@ -399,7 +399,7 @@ def serving_ads(ads: pa.Table, feature_map: FeatureMap) -> pa.Table:
 def write_serving_tables(kept, cfg, feature_map: FeatureMap, out: Path, partitions: int, users, ads) -> None:
     """``users.parquet`` (features + latest history) and ``ads.parquet`` (encoded catalog), when the log has them."""
     if "history" in {f.name for f in feature_map.features}:
-        positives = kept.map_batches(positive_rows, batch_format="pyarrow", fn_kwargs={"label_rule": label_rule(cfg)})
+        positives = kept.map_batches(positive_rows, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"label_rule": label_rule(cfg)})
         latest = positives.repartition(partitions, keys=["user_id"], sort=True).map_batches(
             latest_history, batch_size=None, batch_format="pyarrow", fn_kwargs={"history_length": int(cfg.data.prepare.history_length)}
         )
@@ -427,7 +427,7 @@ def run(cfg) -> dict:
     partitions = int(p.num_partitions or max(2, math.ceil(checked["rows_read"] / p.rows_per_partition)))
     users, users_report = side_table(cfg, "users", key)
     ads, ads_report = side_table(cfg, "ads", key)
-    kept = tagged.map_batches(valid_rows, batch_format="pyarrow")
+    kept = tagged.map_batches(valid_rows, batch_size=BATCH_ROWS, batch_format="pyarrow")
     examples = labelled_examples(kept, cfg, columns, rule, partitions, users, ads)
     metadata = {
         "dataset": cfg.data.name,

@@ -28,6 +28,9 @@ from adrec.data.schema import check_columns
 from adrec.runtime import resolve
 
 RAW_LINE = "raw_line"  # text of a line that could not be parsed; null on parsed rows
+# Rows per batch for row-wise steps: Ray Data's default batch is a whole block, so without a
+# bound a task's memory would grow with block size, that is with the log.
+BATCH_ROWS = 65_536
 PEEK_BYTES = 1 << 16
 
 
@@ -189,9 +192,12 @@ def read_source(spec: SourceSpec, required: list[str], what: str) -> ray.data.Da
     lines = ray.data.read_text(spec.paths, encoding=spec.encoding)
     if spec.format == "csv":
         return lines.map_batches(
-            parse_csv_lines, batch_format="pyarrow", fn_kwargs={"names": header_names(spec), "delimiter": spec.delimiter}
+            parse_csv_lines,
+            batch_size=BATCH_ROWS,
+            batch_format="pyarrow",
+            fn_kwargs={"names": header_names(spec), "delimiter": spec.delimiter},
         )
-    return lines.map_batches(parse_json_lines, batch_format="pyarrow")
+    return lines.map_batches(parse_json_lines, batch_size=BATCH_ROWS, batch_format="pyarrow")
 
 
 def read_table(spec: SourceSpec, required: list[str], what: str) -> pa.Table:
