@@ -22,7 +22,6 @@ import pyarrow.compute as pc
 from adrec.features import stable_hash
 
 SPLITS = ("train", "validation", "test")
-ROLE_COLUMNS = ("event_id", "ts", "user_id", "ad_id", "event", "impression_id", "label")
 
 
 @dataclass(frozen=True)

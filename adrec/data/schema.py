@@ -1,4 +1,6 @@
-"""The three input tables of adrec: behaviour log, ad catalog, user profiles.
+"""The three tables of the synthetic log (the README's schema): behaviour log, ad catalog, user profiles.
+
+Other logs are mapped onto adrec's roles by configuration (see adrec.data.sources and conf/data/).
 
 A behaviour log has one row per event. Clicks and conversions name the impression
 they follow in ``impression_id``, the way ad servers stamp a click URL with the
@@ -29,8 +31,6 @@ EVENTS = pa.schema(
         pa.field("true_pctr", pa.float32()),
     ]
 )
-EVENTS_REQUIRED = ("event_id", "ts", "user_id", "ad_id", "event")
-CONTEXT_FEATURES = ("slot", "device")
 
 ADS = pa.schema(
     [
@@ -42,7 +42,6 @@ ADS = pa.schema(
         pa.field("tokens", pa.list_(pa.string())),
     ]
 )
-AD_FEATURES = ("ad_id", "advertiser_id", "campaign_id", "category")
 
 USERS = pa.schema(
     [
@@ -52,7 +51,6 @@ USERS = pa.schema(
         pa.field("region", pa.string()),
     ]
 )
-USER_FEATURES = ("user_id", "age_bucket", "gender", "region")
 
 
 def check_columns(names: list[str], required: list[str] | tuple[str, ...], what: str) -> None:
