@@ -50,6 +50,7 @@ class PeakMemory:
         self.interval_s = interval_s
         self.driver = self.worker = self.workers_total = self.worker_rss = self.object_store = 0
         self.worker_name = ""
+        self._last_task: dict[int, str] = {}  # pid -> the last task it ran (idle pooled workers keep their memory)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -63,7 +64,10 @@ class PeakMemory:
                     if (proc.info["cmdline"] or [""])[0].startswith("ray::"):
                         unique.append(anonymous_bytes(proc.pid))
                         resident.append(proc.memory_info().rss)
-                        names.append(proc.info["cmdline"][0])
+                        name = proc.info["cmdline"][0]
+                        if name != "ray::IDLE":
+                            self._last_task[proc.pid] = name
+                        names.append(self._last_task.get(proc.pid, name))
                 except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                     continue
             self.object_store = max(self.object_store, shutil.disk_usage("/dev/shm").used)

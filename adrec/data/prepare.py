@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from omegaconf import OmegaConf
+from ray.data import DataContext
 from ray.data.extensions import ArrowTensorArray
 
 from adrec.data.history import SPLITS, LabelRule, SplitRule, build_examples, latest_history, positive_rows
@@ -415,6 +416,9 @@ def run(cfg) -> dict:
     p = cfg.data.prepare
     out = Path(resolve(cfg.paths.prepared_dir))
     init_ray_from(cfg)
+    # Ray batches up to 1 GiB of input per shuffle-map task by default, so a task's memory grew
+    # with the log until that cap; a smaller batch keeps it flat (more, smaller shards).
+    DataContext.get_current().shuffle_input_batch_bytes = int(p.shuffle_batch_mb) * 2**20
     columns = event_columns(cfg)
     key = pseudonym_key(cfg.data.get("pseudonym_key")) if cfg.data.get("pseudonymize") else None
     if out.exists():
