@@ -77,6 +77,11 @@ def verify_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """A module's state dict as safetensors (plain tensors: nothing to unpickle on load)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, path)
+
+
 def _tower_from(config: dict) -> EmbeddingMLPTower:
     try:
         return EmbeddingMLPTower(**config)
@@ -89,7 +94,7 @@ def save_checkpoint(model: TwoTower, directory: str | Path, feature_map: str | P
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy2(feature_map, directory / FEATURE_MAP)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    save_weights(model, directory / "model.safetensors")
     config = {"format": CHECKPOINT_FORMAT, "user_tower": model.user_tower.config, "ad_tower": model.ad_tower.config}
     (directory / "model.json").write_text(json.dumps(config, indent=2))
     write_manifest(directory, format=CHECKPOINT_FORMAT, **fields)
@@ -122,7 +127,7 @@ def new_version() -> str:
 
 
 def save_tower(tower: EmbeddingMLPTower, directory: Path, name: str) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}, directory / f"{name}.safetensors")
+    save_weights(tower, directory / f"{name}.safetensors")
     (directory / f"{name}.json").write_text(json.dumps(tower.config, indent=2))
 
 

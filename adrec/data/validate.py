@@ -157,8 +157,7 @@ def mark_duplicates(batch: pa.Table) -> pa.Table:
     """Within a block holding every copy of its event_ids: keep the first valid copy, mark the rest."""
     reasons = batch[REASON].to_numpy(zero_copy_only=False).astype(object)
     ids = batch["event_id"].to_numpy(zero_copy_only=False)
-    valid = np.array([r is None for r in reasons])
-    order = np.flatnonzero(valid)
+    order = np.flatnonzero(_numpy(pc.is_null(batch[REASON])))
     _, first = np.unique(ids[order], return_index=True)
     duplicate = np.zeros(len(ids), bool)
     duplicate[order] = True
