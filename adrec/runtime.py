@@ -10,23 +10,26 @@ import ray
 import ray.data
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, object_store_mb: int | None = None) -> None:
     """Connect to Ray: an embedded local instance by default, a cluster when ``address`` is set.
 
     Under ``ray job submit`` the job's environment names the cluster, so ``address=None``
-    joins it instead of starting a new one.
+    joins it instead of starting a new one. ``object_store_mb`` caps an embedded instance's
+    object store (Ray spills to local disk beyond it); a cluster keeps its own setting.
     """
     if ray.is_initialized():
         return
     # Ray Train 2.x patches print() on workers, so each line would show twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(address=address, num_cpus=num_cpus)
+    embedded = address is None and "RAY_ADDRESS" not in os.environ
+    store_bytes = int(object_store_mb) * 2**20 if object_store_mb and embedded else None
+    ray.init(address=address, num_cpus=num_cpus, object_store_memory=store_bytes)
     # Our pipelines are many and short: one progress line per stage beats Ray Data's per-pipeline logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def init_ray_from(cfg) -> None:
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.get("object_store_mb"))
 
 
 def resolve(path: str | os.PathLike) -> str:

@@ -29,6 +29,7 @@ import ray  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from adrec.data import prepare, synthetic  # noqa: E402
+from adrec.runtime import init_ray  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 EVENTS_PER_IMPRESSION = 1.11  # clicks and conversions on top of impressions, as the generator draws them
@@ -120,8 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/adrec-bench-prepare"))
+    parser.add_argument("--object-store-mb", type=int, default=1024, help="cap on the object store; Ray spills to disk beyond it")
     args = parser.parse_args()
-    ray.init()
+    init_ray(object_store_mb=args.object_store_mb)
     runs = [run_size(n, args.out_dir) for n in args.events]
     print(json.dumps({"runs": runs, "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)}, indent=2))
 

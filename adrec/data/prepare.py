@@ -356,10 +356,17 @@ def write_splits(examples: ray.data.Dataset, feature_map: FeatureMap, lookups: d
     """Encode and write ``out/{train,validation,test}/``; return examples and clicks per split."""
     encoded = examples.map_batches(
         encode_examples, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map, "lookups": lookups}
-    ).materialize()
+    )
+    # One streaming pass writes all three splits (hive folders split=train, ...), so the encoded
+    # examples never sit in the object store; the folders are then renamed to plain split names.
+    encoded.write_parquet(str(out / "_encoded"), partition_cols=["split"], max_rows_per_file=rows_per_file)
     for split in SPLITS:
-        part = encoded.map_batches(partial(rows_where, column="split", value=split), batch_size=BATCH_ROWS, batch_format="pyarrow").drop_columns(["split"])
-        part.write_parquet(str(out / split), max_rows_per_file=rows_per_file)
+        written = out / "_encoded" / f"split={split}"
+        if written.exists():
+            written.rename(out / split)
+        else:
+            (out / split).mkdir()
+    shutil.rmtree(out / "_encoded")
     counts = merge_counts(examples.map_batches(split_stats, batch_size=BATCH_ROWS, batch_format="pyarrow"))
     return {s: {"examples": counts["examples"].get(s, 0), "clicks": counts["clicks"].get(s, 0)} for s in SPLITS}
 
