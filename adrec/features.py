@@ -35,6 +35,8 @@ class Vocabulary:
 
     values: list[str]
     min_count: int = 1
+    counts: list[int] | None = None  # training occurrences of each value (None in maps from before they were kept)
+    oov_count: int = 0  # training occurrences of the values left out (rarer than min_count)
     _value_set: pa.Array | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -54,7 +56,15 @@ class Vocabulary:
         """Keep values seen at least ``min_count`` times, ordered by count then value."""
         kept = [(v, c) for v, c in counts.items() if c >= min_count and v is not None]
         kept.sort(key=lambda vc: (-vc[1], vc[0]))
-        return cls(values=[v for v, _ in kept], min_count=min_count)
+        dropped = sum(c for v, c in counts.items() if c < min_count or v is None)
+        return cls(values=[v for v, _ in kept], min_count=min_count, counts=[c for _, c in kept], oov_count=dropped)
+
+    def frequencies(self) -> np.ndarray | None:
+        """(cardinality,) share of training rows per index (PAD 0, OOV the dropped values); None without counts."""
+        if self.counts is None:
+            return None
+        counts = np.array([0, self.oov_count, *self.counts], dtype=np.float64)
+        return counts / max(counts.sum(), 1.0)
 
 
 @dataclass(frozen=True)
@@ -134,7 +144,10 @@ class FeatureMap:
         return {
             "format": FORMAT,
             "features": [vars(f) for f in self.features],
-            "vocabularies": {k: {"min_count": v.min_count, "values": v.values} for k, v in self.vocabularies.items()},
+            "vocabularies": {
+                k: {"min_count": v.min_count, "values": v.values, "counts": v.counts, "oov_count": v.oov_count}
+                for k, v in self.vocabularies.items()
+            },
             "metadata": self.metadata,
         }
 
@@ -144,7 +157,10 @@ class FeatureMap:
             raise ValueError(f"not an adrec feature map: format is {data.get('format')!r}, expected {FORMAT!r}")
         return cls(
             features=[FeatureSpec(**{**f, "boundaries": tuple(f["boundaries"]) if f.get("boundaries") else None}) for f in data["features"]],
-            vocabularies={k: Vocabulary(values=v["values"], min_count=v["min_count"]) for k, v in data["vocabularies"].items()},
+            vocabularies={
+                k: Vocabulary(values=v["values"], min_count=v["min_count"], counts=v.get("counts"), oov_count=v.get("oov_count", 0))
+                for k, v in data["vocabularies"].items()
+            },
             metadata=data.get("metadata", {}),
         )
 

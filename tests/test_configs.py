@@ -1,13 +1,13 @@
 """Every config composes, resolves, and builds a working model."""
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import pytest
 
 from adrec.data.prepare import event_columns, feature_specs
 from adrec.features import FeatureMap, Vocabulary
+from adrec.models import build_model
 from tests.conftest import CONF, compose_config
 
 
@@ -19,7 +19,9 @@ def test_default_config_composes_resolves_and_builds_the_two_tower_model(tmp_pat
 
     specs = feature_specs(cfg, event_columns(cfg))
     fm = FeatureMap(specs, {s.vocabulary: Vocabulary([f"v{i}" for i in range(4)]) for s in specs if s.vocabulary})
-    model = instantiate(cfg.model)(fm).eval()
+    model, loss = build_model(OmegaConf.to_container(cfg.model, resolve=True), fm)
+    model.eval()
+    assert loss["bce_weight"] == 1.0
     batch = {s.name: torch.randint(0, 6, (7, s.max_len) if s.kind == "sequence" else (7,)) for s in specs}
     assert model(batch).shape == (7,)
     assert model.user_tower(batch).shape == (7, cfg.model.output_dim)
@@ -34,3 +36,14 @@ def test_every_dataset_config_composes(tmp_path, dataset):
                       else [f"run_dir={tmp_path}"])
     OmegaConf.to_container(cfg.data, resolve=True)
     assert feature_specs(cfg, event_columns(cfg))
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "cnn", "gru", "attention"])
+def test_every_user_encoder_config_builds_a_working_model(tmp_path, encoder):
+    cfg = compose_config(tmp_path, f"model/user_encoder={encoder}")
+    specs = feature_specs(cfg, event_columns(cfg))
+    fm = FeatureMap(specs, {s.vocabulary: Vocabulary([f"v{i}" for i in range(4)]) for s in specs if s.vocabulary})
+    model, _ = build_model(OmegaConf.to_container(cfg.model, resolve=True), fm)
+    batch = {s.name: torch.randint(0, 6, (7, s.max_len) if s.kind == "sequence" else (7,)) for s in specs}
+    assert torch.isfinite(model.eval()(batch)).all()
+    assert model.user_tower.config["encoder"]["kind"] == encoder

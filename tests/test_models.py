@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from adrec.features import OOV, PAD
@@ -40,3 +41,51 @@ def test_two_tower_logit_is_dot_product_plus_bias():
         model.logit_bias.fill_(0.5)
         expected = (user(batch()) * ad(batch())).sum(-1) + 0.5
         assert torch.allclose(model(batch()), expected)
+
+
+ENCODERS = ["mlp", "cnn", "gru", "attention"]
+
+
+def behaviour_tower(kind: str) -> EmbeddingMLPTower:
+    torch.manual_seed(0)
+    return EmbeddingMLPTower(
+        {"user_id": 10}, {}, 8, [16], 5, behaviour={"history": 7, "history_category": 4}, encoder={"kind": kind}, max_len=4
+    ).eval()
+
+
+def histories(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Right-padded (B, 4) history and matching categories (category = ad % 3 + 1)."""
+    history = torch.tensor([row + [PAD] * (4 - len(row)) for row in rows])
+    category = torch.where(history == PAD, PAD, history % 3 + 1)
+    return {"user_id": torch.full((len(rows),), 2), "history": history, "history_category": category}
+
+
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_every_encoder_is_finite_on_empty_histories_and_ignores_padding_content(kind):
+    t = behaviour_tower(kind)
+    out = t(histories([[], [2, 3], [4, 5, 6, 2]]))
+    assert out.shape == (3, 5) and torch.isfinite(out).all()
+    # Whatever sits in padded positions must not change the result: the mask comes from history == PAD.
+    padded = histories([[], [2, 3], [4, 5, 6, 2]])
+    padded["history_category"][0] = 3  # a category under a PAD history position
+    assert torch.allclose(t(padded), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "gru", "attention"])
+def test_sequence_encoders_see_order_that_the_mean_cannot(kind):
+    order = histories([[2, 3, 4, 5], [5, 4, 3, 2]])
+    assert torch.allclose(behaviour_tower("mlp")(order)[0], behaviour_tower("mlp")(order)[1], atol=1e-6)
+    out = behaviour_tower(kind)(order)
+    assert not torch.allclose(out[0], out[1], atol=1e-4)
+
+
+def test_normalized_towers_score_cosine_over_temperature():
+    torch.manual_seed(0)
+    user = EmbeddingMLPTower({"user_id": 10}, {}, 8, [16], 5, normalize=True, temperature=0.05).eval()
+    out = user({"user_id": torch.tensor([2, 3])})
+    assert torch.allclose((out * out).sum(-1), torch.full((2,), 1 / 0.05))
+
+
+def test_unknown_user_encoder_is_a_clear_error():
+    with pytest.raises(ValueError, match="mlp, cnn, gru, attention"):
+        behaviour_tower("lstm")

@@ -1,7 +1,8 @@
-"""Feature towers: embeddings of categorical ids and pooled id sequences, then an MLP.
+"""Feature towers: embeddings of categorical ids, pooled id lists and the behaviour sequence, then an MLP.
 
 The same class builds the user (query) tower and the ad tower; they differ only in
-which features they read, which comes from the feature map.
+which features they read, which comes from the feature map, and in the user tower's
+behaviour-sequence encoder (adrec.models.sequence).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from adrec.features import OOV, PAD
+from adrec.models.sequence import build_sequence_encoder
 
 
 def mlp(input_dim: int, hidden_dims: list[int], output_dim: int) -> nn.Sequential:
@@ -23,13 +25,20 @@ def mlp(input_dim: int, hidden_dims: list[int], output_dim: int) -> nn.Sequentia
 
 
 class EmbeddingMLPTower(nn.Module):
-    """Concatenate embeddings of categorical features, mean-pooled sequences and dense values; apply an MLP.
+    """Concatenate embeddings of categorical features, pooled id lists, the encoded behaviour
+    sequence and dense values; apply an MLP.
 
     categorical: {feature name: vocabulary cardinality}, each input (B,) int64.
-    sequences: {feature name: vocabulary cardinality}, each input (B, L) int64 padded with PAD.
+    sequences: {feature name: vocabulary cardinality}, each input (B, L) int64 padded with PAD,
+        mean-pooled as bags (text tokens).
+    behaviour: {feature name: cardinality} of position-aligned click sequences (``history`` and
+        ``history_<attribute>``), each (B, L); their embeddings are summed per position and read
+        by ``encoder`` ({"kind": mlp|cnn|gru|attention, ...options}).
     dense: feature names, each input (B,) float32.
     oov_dropout: share of training values of each categorical feature replaced by OOV, so every
         OOV row learns what "unknown" means: a new user or ad, a missing attribute or context.
+    normalize, temperature: the output is L2-normalised when ``normalize`` and divided by
+        sqrt(temperature), so a dot product of two towers' outputs is cos / temperature.
     Output: (B, output_dim).
     """
 
@@ -42,8 +51,15 @@ class EmbeddingMLPTower(nn.Module):
         output_dim: int,
         dense: list[str] | None = None,
         oov_dropout: float = 0.0,
+        behaviour: dict[str, int] | None = None,
+        encoder: dict | None = None,
+        max_len: int = 0,
+        normalize: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
+        behaviour = dict(behaviour or {})
+        encoder = dict(encoder or {"kind": "mlp"})
         # Constructor arguments travel with the weights, so a tower rebuilds without the training config.
         self.config = {
             "categorical": dict(categorical),
@@ -53,19 +69,29 @@ class EmbeddingMLPTower(nn.Module):
             "output_dim": output_dim,
             "dense": list(dense or []),
             "oov_dropout": oov_dropout,
+            "behaviour": behaviour,
+            "encoder": encoder,
+            "max_len": max_len,
+            "normalize": normalize,
+            "temperature": temperature,
         }
         self.embeddings = nn.ModuleDict({name: nn.Embedding(card, embedding_dim) for name, card in categorical.items()})
         # EmbeddingBag with padding_idx leaves PAD out of the mean; an empty sequence pools to zeros.
         self.pools = nn.ModuleDict(
             {name: nn.EmbeddingBag(card, embedding_dim, mode="mean", padding_idx=PAD) for name, card in sequences.items()}
         )
+        self.behaviour = nn.ModuleDict({name: nn.Embedding(card, embedding_dim, padding_idx=PAD) for name, card in behaviour.items()})
+        self.sequence_encoder = build_sequence_encoder(dim=embedding_dim, max_len=max_len, **encoder) if behaviour else None
         self.dense = list(dense or [])
-        self.mlp = mlp(embedding_dim * (len(categorical) + len(sequences)) + len(self.dense), hidden_dims, output_dim)
+        width = embedding_dim * (len(categorical) + len(sequences) + bool(behaviour)) + len(self.dense)
+        self.mlp = mlp(width, hidden_dims, output_dim)
         self.oov_dropout = oov_dropout
+        self.normalize = normalize
+        self.scale = temperature**-0.5
 
     @property
     def feature_names(self) -> list[str]:
-        return list(self.embeddings) + list(self.pools) + self.dense
+        return list(self.embeddings) + list(self.pools) + list(self.behaviour) + self.dense
 
     def _hide(self, ids: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.oov_dropout > 0):
@@ -76,5 +102,17 @@ class EmbeddingMLPTower(nn.Module):
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = [emb(self._hide(features[name])) for name, emb in self.embeddings.items()]
         parts += [pool(features[name]) for name, pool in self.pools.items()]
+        if self.sequence_encoder is not None:
+            parts.append(self._encode_behaviour(features))
         parts += [features[name].float().unsqueeze(-1) for name in self.dense]
-        return self.mlp(torch.cat(parts, dim=-1))
+        out = self.mlp(torch.cat(parts, dim=-1))
+        if self.normalize:
+            out = nn.functional.normalize(out, dim=-1)
+        return out * self.scale
+
+    def _encode_behaviour(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum the aligned sequences' embeddings per click, mask PAD, encode: (B, E)."""
+        first = next(iter(self.behaviour))
+        mask = features[first] != PAD  # (B, L)
+        items = sum(embedding(features[name]) for name, embedding in self.behaviour.items())  # (B, L, E)
+        return self.sequence_encoder(items, mask)

@@ -22,10 +22,25 @@ class TwoTower(nn.Module):
         self.ad_tower = ad_tower
         self.logit_bias = nn.Parameter(torch.zeros(()))
 
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, features: dict[str, torch.Tensor], return_embeddings: bool = False, negatives: dict[str, torch.Tensor] | None = None
+    ):
+        """Click logits (B,); with ``return_embeddings`` also U (B, D) and V (B + M, D), V's last M
+        rows from the ad features ``negatives`` (M rows). Training goes through here, not the
+        towers, so that DistributedDataParallel sees every forward pass."""
         user = self.user_tower(features)  # (B, D)
         ad = self.ad_tower(features)  # (B, D)
-        return (user * ad).sum(dim=-1) + self.logit_bias
+        logits = (user * ad).sum(dim=-1) + self.logit_bias
+        if not return_embeddings:
+            return logits
+        if negatives is not None:
+            ad = torch.cat([ad, self.ad_tower(negatives)])
+        return logits, user, ad
+
+
+def is_behaviour(name: str) -> bool:
+    """The position-aligned click sequences: ``history`` and ``history_<attribute>``."""
+    return name == "history" or name.startswith("history_")
 
 
 def build_two_tower(
@@ -34,8 +49,15 @@ def build_two_tower(
     hidden_dims: list[int],
     output_dim: int,
     oov_dropout: float = 0.0,
+    user_encoder: dict | None = None,
+    normalize: bool = False,
+    temperature: float = 1.0,
 ) -> TwoTower:
-    """Size both towers from ``feature_map``: user + context features on one side, ad features on the other."""
+    """Size both towers from ``feature_map``: user + context features on one side, ad features on the other.
+
+    user_encoder: {"kind": mlp|cnn|gru|attention, ...options} for the behaviour sequence.
+    normalize, temperature: U . V becomes cos(U, V) / temperature (see EmbeddingMLPTower).
+    """
 
     if not (feature_map.names("user") and feature_map.names("ad")):
         raise ValueError(
@@ -43,18 +65,26 @@ def build_two_tower(
             f"user={feature_map.names('user')} ad={feature_map.names('ad')}: map user_id and ad_id in data.events.columns"
         )
 
-    def tower(groups: tuple[str, ...]) -> EmbeddingMLPTower:
+    def tower(groups: tuple[str, ...], encoder: dict | None) -> EmbeddingMLPTower:
         def names(kind: str) -> list[str]:
             return [n for g in groups for n in feature_map.names(g, kind)]
 
+        sequences = names("sequence")
+        behaviour = [n for n in sequences if is_behaviour(n)] if encoder else []
         return EmbeddingMLPTower(
             {n: feature_map.cardinality(n) for n in names("categorical") + names("bucket")},
-            {n: feature_map.cardinality(n) for n in names("sequence")},
+            {n: feature_map.cardinality(n) for n in sequences if n not in behaviour},
             embedding_dim,
             hidden_dims,
             output_dim,
             dense=names("dense"),
             oov_dropout=oov_dropout,
+            behaviour={n: feature_map.cardinality(n) for n in behaviour},
+            encoder=encoder,
+            max_len=max((feature_map.spec(n).max_len for n in behaviour), default=0),
+            normalize=normalize,
+            temperature=temperature,
         )
 
-    return TwoTower(tower(("user", "context")), tower(("ad",)))
+    encoder = dict(user_encoder or {"kind": "mlp"})
+    return TwoTower(tower(("user", "context"), encoder), tower(("ad",), None))

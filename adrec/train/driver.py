@@ -14,9 +14,6 @@ from adrec.features import FeatureMap
 from adrec.runtime import init_ray_from, require, resolve, write_json
 from adrec.train.loop import train_loop_per_worker
 
-SCORE = "val_auc"
-
-
 def model_columns(feature_map: FeatureMap) -> list[str]:
     """The example columns the two-tower model reads, plus the label."""
     return [f.name for f in feature_map.features] + ["label"]
@@ -33,6 +30,7 @@ def run(cfg) -> dict:
     loop_config = {
         "seed": int(cfg.seed),
         "feature_map": str(feature_map_path),
+        "catalog": str(prepared / "ads.parquet") if (prepared / "ads.parquet").exists() else None,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "batch_size": int(t.batch_size),
         "epochs": int(t.epochs),
@@ -40,6 +38,7 @@ def run(cfg) -> dict:
         "weight_decay": float(t.weight_decay),
         "shuffle_buffer": int(t.shuffle_buffer),
     }
+    score, order = str(t.select_metric), str(t.select_mode)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -51,14 +50,14 @@ def run(cfg) -> dict:
             name=f"{t.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=resolve(t.storage_path),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=int(t.keep_checkpoints), checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+                num_to_keep=int(t.keep_checkpoints), checkpoint_score_attribute=score, checkpoint_score_order=order
             ),
         ),
         datasets=datasets,
     )
     started = time.time()
     result = trainer.fit()
-    best = result.get_best_checkpoint(SCORE, "max")
+    best = result.get_best_checkpoint(score, order)
     best_metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
     summary = {
         "best_checkpoint": best.path,

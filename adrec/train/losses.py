@@ -1,0 +1,65 @@
+"""Training losses: pointwise BCE for pCTR, in-batch sampled softmax for retrieval.
+
+The softmax treats each clicked row of a batch as a query whose positive is its own ad and
+whose negatives are the batch's other ads (plus optional uniform draws from the catalog).
+In-batch ads are sampled by impression frequency, so popular ads are over-represented as
+negatives; subtracting log q (the logQ correction of Yi et al., RecSys 2019) removes that bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    bce_weight: float = 1.0
+    softmax_weight: float = 0.0
+    logq_correction: bool = True
+    remove_accidental_hits: bool = True
+    uniform_negatives: int = 0
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> "LossConfig":
+        config = cls(**(options or {}))
+        if config.bce_weight < 0 or config.softmax_weight < 0 or config.bce_weight + config.softmax_weight == 0:
+            raise ValueError(f"model.loss weights must be >= 0 and not both 0, got {config}")
+        return config
+
+
+def in_batch_softmax(
+    user: torch.Tensor,
+    ad: torch.Tensor,
+    ad_ids: torch.Tensor,
+    positive: torch.Tensor,
+    log_q: torch.Tensor | None = None,
+    remove_accidental_hits: bool = True,
+) -> torch.Tensor:
+    """Mean cross-entropy of each positive row's own ad against every candidate ad.
+
+    user: (B, D) query embeddings; positive: (B,) bool, the rows that are queries.
+    ad: (C, D) candidate embeddings, C >= B, whose first B rows are the batch's own ads.
+    ad_ids: (C,) int ids of the candidates; log_q: (C,) log sampling probability of each.
+    Returns a scalar; zero (with a graph) when the batch has no positive.
+    """
+    rows = torch.nonzero(positive, as_tuple=True)[0]  # (P,) each query's target column
+    if len(rows) == 0:
+        return ad.sum() * 0.0
+    logits = user[rows] @ ad.T  # (P, C)
+    if log_q is not None:
+        logits = logits - log_q.unsqueeze(0)
+    if remove_accidental_hits:
+        same_ad = ad_ids[rows].unsqueeze(1) == ad_ids.unsqueeze(0)
+        same_ad[torch.arange(len(rows), device=rows.device), rows] = False
+        logits = logits.masked_fill(same_ad, torch.finfo(logits.dtype).min)
+    return nn.functional.cross_entropy(logits, rows)
+
+
+def candidate_log_q(ad_ids: torch.Tensor, log_frequency: torch.Tensor, batch_rows: int, catalog_size: int, uniform: int) -> torch.Tensor:
+    """log q of each candidate: log(B * p(ad)) for the B in-batch ads, log(M / A) for M uniform draws. (C,)"""
+    in_batch = log_frequency[ad_ids[:batch_rows]] + torch.log(torch.tensor(float(batch_rows)))
+    drawn = torch.full((uniform,), float(torch.log(torch.tensor(uniform / max(catalog_size, 1)))), device=ad_ids.device)
+    return torch.cat([in_batch, drawn])

@@ -1,0 +1,29 @@
+"""Each user encoder and the retrieval loss train through Ray Train by changing config values."""
+
+import pytest
+
+from adrec.registry import load_checkpoint
+from adrec.train import driver
+from tests.conftest import compose_config
+
+
+@pytest.mark.parametrize(
+    "encoder, loss",
+    [
+        ("cnn", []),
+        ("gru", ["model.loss.softmax_weight=1.0", "model.loss.uniform_negatives=64"]),
+        ("attention", ["model.loss.softmax_weight=0.5", "model.normalize=true", "model.temperature=0.1"]),
+    ],
+)
+def test_user_encoder_trains_from_one_config_value(tiny_run, tmp_path, encoder, loss):
+    prepared = tiny_run["cfg"].paths.prepared_dir
+    cfg = compose_config(
+        tmp_path, f"paths.prepared_dir={prepared}", f"model/user_encoder={encoder}", *loss,
+        "trainer.num_workers=1", "trainer.cpus_per_worker=1", "trainer.epochs=2",
+    )
+    result = driver.run(cfg)
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2]
+    assert result["best"]["val_auc"] > 0.6, result["best"]  # the planted affinity is learnable in two epochs
+    model = load_checkpoint(result["best_checkpoint"])
+    assert model.user_tower.config["encoder"]["kind"] == encoder
+    assert model.user_tower.config["behaviour"].keys() == {"history", "history_category"}
