@@ -130,3 +130,25 @@ def test_per_user_random_split_gives_each_user_the_shares():
         assert (mine == "train").sum() == 32 and (mine == "validation").sum() == 4 and (mine == "test").sum() == 4
     again = assign_split(rows, users, SplitRule("per_user_random"), seed=1)
     assert (split == again).all() and not (split == assign_split(rows, users, SplitRule("per_user_random"), seed=2)).all()
+
+
+def test_random_splits_build_histories_from_training_clicks_only():
+    n = 60
+    rows = pa.table(
+        {
+            "user_id": ["u1"] * n,
+            "ad_id": [f"m{i}" for i in range(n)],
+            "ts": pa.array(T0 + 1000 * np.arange(n), pa.int64()),
+            "label": [5.0] * n,
+        }
+    )
+    out = build_examples(rows, n, SplitRule("per_user_random", train=0.8, validation=0.1), LabelRule(at_least=4), seed=3)
+    split = dict(zip(out["ad_id"].to_pylist(), out["split"].to_pylist()))
+    held_out = {ad for ad, s in split.items() if s != "train"}
+    assert held_out  # the draw holds some rows out
+    for ad, history in zip(out["ad_id"].to_pylist(), out["history"].to_pylist()):
+        assert not held_out & set(history), f"{ad} ({split[ad]}) sees held-out items in its history"
+        assert history == [h for h in history if split[h] == "train"]
+    # Every earlier training click is still there, most recent first.
+    last = out["history"].to_pylist()[-1]
+    assert last == [f"m{i}" for i in reversed(range(n - 1)) if split[f"m{i}"] == "train"]

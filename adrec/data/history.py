@@ -154,18 +154,40 @@ def build_examples(
     if "user_id" in events.column_names:
         codes = pc.dictionary_encode(events["user_id"].combine_chunks()).indices.to_numpy(zero_copy_only=False)
         user_code = codes[is_exposure]
-        if "ad_id" in events.column_names and "ts" in events.column_names:
-            ts = events["ts"].to_numpy(zero_copy_only=False)
-            history = history_before(
-                codes[is_positive],
-                ts[is_positive],
-                events["ad_id"].combine_chunks().filter(pa.array(is_positive)),
-                user_code,
-                ts[is_exposure],
-                history_length,
-            )
-            examples = examples.append_column("history", history)
-    return examples.append_column("split", pa.array(assign_split(examples, user_code, split, seed)))
+    split_names = assign_split(examples, user_code, split, seed)
+    if user_code is not None and "ad_id" in events.column_names and "ts" in events.column_names:
+        source = is_positive & history_split_mask(events, is_exposure, split_names, split)
+        ts = events["ts"].to_numpy(zero_copy_only=False)
+        history = history_before(
+            codes[source],
+            ts[source],
+            events["ad_id"].combine_chunks().filter(pa.array(source)),
+            user_code,
+            ts[is_exposure],
+            history_length,
+        )
+        examples = examples.append_column("history", history)
+    return examples.append_column("split", pa.array(split_names))
+
+
+def history_split_mask(events: pa.Table, is_exposure: np.ndarray, split_names: np.ndarray, rule: SplitRule) -> np.ndarray:
+    """(N,) bool: the event rows that may enter histories.
+
+    Time and leave-last-out splits hold out each user's latest rows, so every earlier click is
+    fair history. Random splits scatter held-out rows through time, so only clicks on training
+    examples count; otherwise a training row's history would reveal a user's validation and
+    test items.
+    """
+    if rule.kind in ("time", "leave_last_out"):
+        return np.ones(events.num_rows, bool)
+    in_train = np.zeros(events.num_rows, bool)
+    in_train[np.flatnonzero(is_exposure)[split_names == "train"]] = True
+    if "event" not in events.column_names:
+        return in_train
+    # Event log: a click or conversion belongs to the split of the impression it names.
+    train_impressions = events["event_id"].filter(pa.array(in_train))
+    follows = pc.is_in(events["impression_id"], value_set=train_impressions.combine_chunks()).to_numpy(zero_copy_only=False)
+    return in_train | np.asarray(follows, bool)
 
 
 def latest_history(positives: pa.Table, history_length: int) -> pa.Table:
