@@ -50,7 +50,14 @@ def run(cfg) -> dict:
     write_json(staging / "metrics.json", metrics)
     write_json(
         staging / "model.json",
-        {"format": MODEL_FORMAT, "version": version, "logit_bias": model.logit_bias.item(), "embedding_dim": model.user_tower.config["output_dim"]},
+        {
+            "format": MODEL_FORMAT,
+            "version": version,
+            "logit_bias": model.logit_bias.item(),
+            "embedding_dim": model.user_tower.config["output_dim"],
+            # pCTR = sigmoid(a * (U . V + logit_bias) + b), fitted on the validation split by evaluation.
+            "calibration": metrics["calibration"],
+        },
     )
     manifest = write_manifest(
         staging,

@@ -30,3 +30,12 @@ def embed(tower: nn.Module, rows: pa.Table, batch_size: int = 65_536) -> torch.T
     names = tower.feature_names
     parts = [tower(to_features(rows.slice(start, batch_size), names)) for start in range(0, rows.num_rows, batch_size)]
     return torch.cat(parts) if parts else torch.empty(0, tower.config["output_dim"])
+
+
+def catalog_lookups(catalog: pa.Table) -> dict[str, tuple[pa.Array, pa.Array]]:
+    """{attribute: (ad ids, raw values)} from an ads.parquet's ``raw_<attribute>`` columns, for history features."""
+    return {
+        name.removeprefix("raw_"): (catalog["raw_ad_id"].combine_chunks(), catalog[name].combine_chunks())
+        for name in catalog.column_names
+        if name.startswith("raw_") and name != "raw_ad_id"
+    }

@@ -16,7 +16,7 @@ import torch
 
 from adrec.data.privacy import pseudonym_key, pseudonymize
 from adrec.features import FeatureMap, FeatureSpec, add_history_attributes
-from adrec.inference import column_to_numpy
+from adrec.inference import catalog_lookups, column_to_numpy
 from adrec.registry import load_ad_embeddings, resolve_model_dir, verify_manifest
 
 
@@ -108,20 +108,21 @@ class Recommendation:
 
 
 class AdIndex:
-    """Exact top-k over the catalog's ad embeddings by U . V."""
+    """Exact top-k over the catalog's ad embeddings by U . V; pCTR = sigmoid(a * (U . V + bias) + b)."""
 
-    def __init__(self, ad_ids: list[str], bids: np.ndarray, embeddings: torch.Tensor, logit_bias: float) -> None:
+    def __init__(self, ad_ids: list[str], bids: np.ndarray, embeddings: torch.Tensor, logit_bias: float, calibration: dict | None = None) -> None:
         self.ad_ids = ad_ids
         self.bids = bids
         self.embeddings = embeddings  # (A, D)
         self.logit_bias = logit_bias
+        self.calibration = calibration or {"a": 1.0, "b": 0.0}
 
     @torch.no_grad()
     def top_k(self, user: torch.Tensor, k: int) -> list[list[Recommendation]]:
         """user: (B, D) -> for each row, the k best ads, best first."""
         scores = user @ self.embeddings.T  # (B, A)
         best, index = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-        pctr = torch.sigmoid(best + self.logit_bias)
+        pctr = torch.sigmoid(self.calibration["a"] * (best + self.logit_bias) + self.calibration["b"])
         return [
             [
                 Recommendation(self.ad_ids[a], float(s), float(p), float(self.bids[a]))
@@ -148,16 +149,13 @@ class ServingModel:
         store = UserStore(pq.read_table(model_dir / "users.parquet"), feature_map)
         key = pseudonym_key(None) if feature_map.metadata.get("pseudonymized") else None
         catalog = pq.read_table(model_dir / "ads.parquet")
-        lookups = {
-            name.removeprefix("raw_"): (catalog["raw_ad_id"].combine_chunks(), catalog[name].combine_chunks())
-            for name in catalog.column_names
-            if name.startswith("raw_") and name != "raw_ad_id"
-        }
+        lookups = catalog_lookups(catalog)
         meta = json.loads((model_dir / "model.json").read_text())
         index = AdIndex(
             catalog["raw_ad_id"].to_pylist(),
             catalog["bid"].to_numpy(),
             load_ad_embeddings(model_dir),
             float(meta["logit_bias"]),
+            meta.get("calibration"),
         )
         return cls(manifest["version"], model_dir, FeatureBuilder(feature_map, store, lookups, key), index)

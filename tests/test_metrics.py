@@ -3,7 +3,17 @@ import itertools
 import numpy as np
 import pytest
 
-from adrec.eval.metrics import auc, logloss, rank_of_target, retrieval_metrics, threshold_metrics
+from adrec.eval.calibration import Platt
+from adrec.eval.metrics import (
+    auc,
+    expected_calibration_error,
+    group_auc,
+    logloss,
+    rank_of_target,
+    retrieval_metrics,
+    threshold_metrics,
+    top_k_metrics,
+)
 
 
 def brute_force_auc(labels, scores):
@@ -38,3 +48,40 @@ def test_ranks_count_ties_against_the_target():
     assert metrics["recall@1"] == pytest.approx(1 / 3)
     assert metrics["recall@3"] == pytest.approx(2 / 3)
     assert metrics["ndcg@3"] == pytest.approx((1 + 1 / np.log2(4)) / 3)
+
+
+def test_platt_recovers_a_known_miscalibration():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, 200_000)
+    labels = rng.random(len(logits)) < 1 / (1 + np.exp(-(0.5 * logits - 1.0)))
+    platt = Platt.fit(logits, labels)
+    assert abs(platt.a - 0.5) < 0.03 and abs(platt.b + 1.0) < 0.03
+    raw = 1 / (1 + np.exp(-logits))
+    assert expected_calibration_error(labels, platt(logits)) < 0.01 < expected_calibration_error(labels, raw)
+
+
+def test_platt_with_one_class_is_the_identity():
+    assert Platt.fit(np.array([0.3, -1.0]), np.array([1.0, 1.0])) == Platt()
+
+
+def test_gauc_averages_per_user_auc_weighted_by_rows_and_skips_one_class_users():
+    labels = np.array([1, 0, 0, 1, 0, 1, 1])
+    scores = np.array([0.9, 0.1, 0.2, 0.3, 0.8, 0.5, 0.6])
+    users = np.array([1, 1, 1, 2, 2, 3, 3])  # user 1: AUC 1 over 3 rows; user 2: AUC 0 over 2; user 3 one class
+    assert group_auc(labels, scores, users) == pytest.approx(3 / 5)
+
+
+def test_top_k_metrics_with_several_relevant_items():
+    hits = np.array([[True, False, True], [False, False, False]])
+    relevant = np.array([2, 4])
+    out = top_k_metrics(hits, relevant, [1, 3])
+    assert out["recall@1"] == pytest.approx((1 / 2 + 0) / 2)
+    assert out["recall@3"] == pytest.approx((2 / 2 + 0) / 2)
+    assert out["hitrate@3"] == pytest.approx(0.5)
+    ideal = 1 + 1 / np.log2(3)
+    assert out["ndcg@3"] == pytest.approx(((1 + 1 / np.log2(4)) / ideal + 0) / 2)
+
+
+def test_calibration_survives_a_save_and_load(tmp_path):
+    Platt(0.7, -2.0).save(tmp_path / "c.json")
+    assert Platt.load(tmp_path / "c.json") == Platt(0.7, -2.0)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from adrec.features import OOV, FeatureMap
+from adrec.eval.calibration import Platt
 from adrec.registry import ArtifactError, load_checkpoint, verify_manifest
 from tests.conftest import BAD_EVENTS
 
@@ -111,6 +112,18 @@ def test_model_beats_popularity_and_approaches_the_oracle(tiny_run):
         assert 0.0 <= metrics[key] <= 1.0
     written = json.loads((Path(tiny_run["cfg"].paths.eval_dir) / "metrics.json").read_text())
     assert written["auc"] == metrics["auc"]
+
+
+def test_evaluation_calibrates_on_validation_and_plots(tiny_run):
+    metrics, eval_dir = tiny_run["evaluate"], Path(tiny_run["cfg"].paths.eval_dir)
+    # Calibrated on validation, the test pCTR matches the observed rate closely and is no worse than raw.
+    assert abs(metrics["mean_pctr"] - metrics["observed_ctr"]) < 0.2 * metrics["observed_ctr"]
+    assert metrics["logloss"] <= metrics["uncalibrated_logloss"] + 0.002
+    assert 0.0 <= metrics["ece"] < 0.03
+    assert metrics["gauc"] > 0.5 and metrics["hitrate@10"] == metrics["recall@10"]
+    assert Platt.load(eval_dir / "calibration.json") == Platt(**{k: metrics["calibration"][k] for k in ("a", "b")})
+    for name in metrics["plots"]:
+        assert (eval_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_export_is_self_describing_and_refuses_tampering(tiny_run, tmp_path):

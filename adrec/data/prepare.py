@@ -32,7 +32,7 @@ from adrec.data.history import SPLITS, LabelRule, SplitRule, build_examples, lat
 from adrec.data.privacy import pseudonym_key, pseudonymize
 from adrec.data.sources import BATCH_ROWS, RAW_LINE, SourceSpec, read_source, read_table
 from adrec.data.validate import REASON, Rules, canonicalize, invalid_rows, mark_duplicates, valid_rows
-from adrec.features import FeatureMap, FeatureSpec, Vocabulary, add_history_attributes
+from adrec.features import FeatureMap, FeatureSpec, Vocabulary, add_history_attributes, stable_hash
 from adrec.runtime import init_ray_from, resolve, write_json
 
 TABLE_GROUPS = {"events": "context", "users": "user", "ads": "ad"}
@@ -223,6 +223,9 @@ def encode_examples(batch: pa.Table, feature_map: FeatureMap, lookups: dict) -> 
             out[name] = pc.fill_null(pc.cast(batch[name], pa.float32()), np.nan).to_numpy()
     if "ts" in batch.column_names:
         out["ts"] = batch["ts"].to_numpy()
+    if "user_id" in batch.column_names:
+        # A hash, not the id: evaluation only groups rows by user (GAUC, per-user ranking).
+        out["user_key"] = stable_hash(batch["user_id"]).view(np.int64)
     if "ad_id" in batch.column_names:
         # Ads are not personal data; evaluation needs the raw id to find the clicked ad in the catalog.
         out["raw_ad_id"] = batch["ad_id"].to_numpy(zero_copy_only=False)

@@ -1,9 +1,17 @@
-"""Offline evaluation of the trained two-tower model on the test split -> ``metrics.json``.
+"""Offline evaluation of the trained model on the test split -> ``metrics.json`` and PNG plots.
 
-Ranking: AUC, logloss, accuracy/precision/recall at 0.5 over test impressions.
-Retrieval: for each clicked test impression, the clicked ad's rank among all catalog
-ads by U . V -> Recall@K, NDCG@K. Baselines: popularity (training clicks per ad) and,
-on synthetic logs, the oracle (the generator's true click probability).
+Calibration: Platt scaling fitted on the validation split (``calibration.json``); test pCTR
+metrics use the calibrated probability, as the auction will.
+Ranking: AUC, GAUC (per user), logloss, accuracy/precision/recall at 0.5, ECE, mean pCTR
+against the observed CTR.
+Retrieval over the whole catalog by U . V, by ``data.evaluation.protocol``:
+    impression  each clicked test impression is a query for its ad, with the user's features
+                and history at that moment (event logs: what the ad server would have asked)
+    user        each test user is a query for all of their test positives, from their training
+                history, with the items they interacted with in train and validation excluded
+                (the MovieLens / RecBole full-ranking protocol)
+Baselines: popularity (training clicks per ad) and, on synthetic logs, the oracle (the
+generator's true click probability).
 """
 
 from __future__ import annotations
@@ -18,10 +26,23 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
-from adrec.eval.metrics import auc, classification_metrics, logloss, rank_of_target, retrieval_metrics
-from adrec.inference import embed, to_features
-from adrec.registry import check_same_features, load_checkpoint
+from adrec.eval.calibration import Platt
+from adrec.eval.metrics import (
+    auc,
+    classification_metrics,
+    group_auc,
+    logloss,
+    rank_of_target,
+    retrieval_metrics,
+    top_k_metrics,
+)
+from adrec.eval.plots import save_plots
+from adrec.features import FeatureMap, add_history_attributes
+from adrec.inference import catalog_lookups, embed, to_features
+from adrec.registry import FEATURE_MAP, check_same_features, load_checkpoint
 from adrec.runtime import init_ray_from, read_json, require, resolve, write_json
+
+CURVE_KS = (1, 2, 5, 10, 20, 50, 100)
 
 
 def ad_click_counts(train: ray.data.Dataset, catalog_ids: pa.Array) -> np.ndarray:
@@ -33,40 +54,46 @@ def ad_click_counts(train: ray.data.Dataset, catalog_ids: pa.Array) -> np.ndarra
     tables = ray.get(train.select_columns(["raw_ad_id", "label"]).map_batches(per_block, batch_format="pyarrow").to_arrow_refs())
     totals = pa.concat_tables(tables).group_by("raw_ad_id").aggregate([("label_sum", "sum")])
     counts = np.zeros(len(catalog_ids))
-    rows = pc.index_in(totals["raw_ad_id"], value_set=catalog_ids).to_numpy(zero_copy_only=False)
-    known = ~np.isnan(rows.astype(float))
-    np.add.at(counts, rows[known].astype(np.int64), totals["label_sum_sum"].to_numpy()[known])
+    rows = catalog_rows(totals["raw_ad_id"], catalog_ids)
+    known = rows >= 0
+    np.add.at(counts, rows[known], totals["label_sum_sum"].to_numpy()[known])
     return counts
 
 
+def catalog_rows(ad_ids: pa.Array | pa.ChunkedArray, catalog_ids: pa.Array) -> np.ndarray:
+    """(N,) raw ad ids -> (N,) int64 rows of the catalog; -1 for ads not in it."""
+    return pc.fill_null(pc.index_in(ad_ids, value_set=catalog_ids), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 @torch.no_grad()
-def score_split(model, split: ray.data.Dataset, user_names: list[str], ad_names: list[str], catalog_ids: pa.Array):
-    """Stream a split through the model. Returns per-example arrays and the clicked rows' user embeddings."""
-    out = {"prob": [], "label": [], "true_pctr": [], "ad_row": [], "clicked_user": []}
+def score_split(model, split: ray.data.Dataset, catalog_ids: pa.Array) -> dict[str, np.ndarray]:
+    """Stream a split through the model: per-example logit, label, truth, catalog row, user key,
+    and the user embeddings of clicked rows (``clicked_user``, (C, D))."""
+    user_names, ad_names = model.user_tower.feature_names, model.ad_tower.feature_names
+    out = {"logit": [], "label": [], "true_pctr": [], "ad_row": [], "user_key": [], "clicked_user": []}
     for batch in split.iter_batches(batch_size=8192, batch_format="numpy"):
         user = model.user_tower(to_features(batch, user_names))
         ad = model.ad_tower(to_features(batch, ad_names))
-        prob = torch.sigmoid((user * ad).sum(-1) + model.logit_bias).numpy()
+        logit = ((user * ad).sum(-1) + model.logit_bias).numpy()
         clicked = batch["label"] > 0.5
-        out["prob"].append(prob)
+        out["logit"].append(logit)
         out["label"].append(batch["label"])
-        out["true_pctr"].append(batch.get("true_pctr", np.full(len(prob), np.nan, np.float32)))
-        rows = pc.index_in(pa.array(batch["raw_ad_id"]), value_set=catalog_ids)
-        out["ad_row"].append(pc.fill_null(rows, -1).to_numpy(zero_copy_only=False))
+        out["true_pctr"].append(batch.get("true_pctr", np.full(len(logit), np.nan, np.float32)))
+        out["user_key"].append(batch.get("user_key", np.zeros(len(logit), np.int64)))
+        out["ad_row"].append(catalog_rows(pa.array(batch["raw_ad_id"]), catalog_ids))
         out["clicked_user"].append(user[torch.from_numpy(clicked)])
     return {k: (torch.cat(v).numpy() if k == "clicked_user" else np.concatenate(v)) for k, v in out.items()}
 
 
-def retrieval_ranks(user: np.ndarray, ads: np.ndarray, target: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """0-based rank of each query's target ad among all ads by dot product; user (Q, D), ads (A, D)."""
-    return np.concatenate([rank_of_target(user[i : i + chunk] @ ads.T, target[i : i + chunk]) for i in range(0, len(target), chunk)])
-
-
-def ranking_report(scored: dict, popularity: np.ndarray) -> dict:
-    """pCTR metrics of the model, the popularity baseline and (synthetic logs) the oracle."""
+def ranking_report(scored: dict, calibration: Platt, popularity: np.ndarray) -> dict:
+    """pCTR metrics of the calibrated model, the uncalibrated one, popularity and (synthetic logs) the oracle."""
     labels, ad_row = scored["label"], scored["ad_row"]
-    metrics = classification_metrics(labels, scored["prob"])
-    metrics["popularity_auc"] = auc(labels, np.where(ad_row >= 0, popularity[ad_row], 0.0))
+    probs = calibration(scored["logit"])
+    metrics = classification_metrics(labels, probs)
+    raw = classification_metrics(labels, 1 / (1 + np.exp(-scored["logit"])))
+    metrics.update({"uncalibrated_logloss": raw["logloss"], "uncalibrated_ece": raw["ece"], "uncalibrated_mean_pctr": raw["mean_pctr"]})
+    metrics["gauc"] = group_auc(labels, probs, scored["user_key"])
+    metrics["popularity_auc"] = auc(labels, np.where(ad_row >= 0, popularity[np.maximum(ad_row, 0)], 0.0))
     truth = scored["true_pctr"]
     known = ~np.isnan(truth)
     if known.any():
@@ -76,8 +103,13 @@ def ranking_report(scored: dict, popularity: np.ndarray) -> dict:
     return metrics
 
 
-def retrieval_report(scored: dict, ad_matrix: np.ndarray, popularity: np.ndarray, ks: list[int], limit: int) -> dict:
-    """Recall@K / NDCG@K over the whole catalog for clicked impressions of catalog ads, model and popularity."""
+def retrieval_ranks(user: np.ndarray, ads: np.ndarray, target: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """0-based rank of each query's target ad among all ads by dot product; user (Q, D), ads (A, D)."""
+    return np.concatenate([rank_of_target(user[i : i + chunk] @ ads.T, target[i : i + chunk]) for i in range(0, len(target), chunk)])
+
+
+def impression_retrieval(scored: dict, ad_matrix: np.ndarray, popularity: np.ndarray, ks: list[int], limit: int) -> dict:
+    """Recall/NDCG/HitRate@K over the whole catalog for clicked test impressions of catalog ads, model and popularity."""
     target = scored["ad_row"][scored["label"] > 0.5]
     in_catalog = target >= 0
     user, target = scored["clicked_user"][in_catalog][:limit], target[in_catalog][:limit]
@@ -88,28 +120,121 @@ def retrieval_report(scored: dict, ad_matrix: np.ndarray, popularity: np.ndarray
     return metrics
 
 
+def rows_by_user(table: pa.Table, users: np.ndarray, catalog_ids: pa.Array) -> list[np.ndarray]:
+    """For each of ``users`` (user keys), the catalog rows of its ads in ``table`` (user_key, raw_ad_id)."""
+    rows = catalog_rows(table["raw_ad_id"], catalog_ids)
+    keys = table["user_key"].to_numpy()
+    position = np.searchsorted(users, keys)
+    known = (position < len(users)) & (users[np.minimum(position, len(users) - 1)] == keys) & (rows >= 0)
+    order = np.argsort(position[known], kind="stable")
+    grouped_rows = rows[known][order]
+    bounds = np.searchsorted(position[known][order], np.arange(len(users) + 1))
+    return [grouped_rows[bounds[i] : bounds[i + 1]] for i in range(len(users))]
+
+
+def training_histories(train: pa.Table, users: np.ndarray, length: int) -> list[list[str]]:
+    """Each user's latest ``length`` clicked ads in the training split, most recent first."""
+    clicks = train.filter(pc.greater(train["label"], 0.5))
+    clicks = clicks.take(pc.sort_indices(clicks, [("user_key", "ascending"), ("ts", "descending")]))
+    keys, ads = clicks["user_key"].to_numpy(), clicks["raw_ad_id"].to_numpy(zero_copy_only=False)
+    starts = np.searchsorted(keys, users, side="left")
+    ends = np.minimum(np.searchsorted(keys, users, side="right"), starts + length)
+    return [list(ads[s:e]) for s, e in zip(starts, ends)]
+
+
+@torch.no_grad()
+def user_queries(model, feature_map: FeatureMap, test: pa.Table, train: pa.Table, users: np.ndarray, catalog: pa.Table) -> torch.Tensor:
+    """U (Q, D) per user: profile and context features from one of its test rows, history from training clicks."""
+    first_row = np.searchsorted(test["user_key"].to_numpy(), users)
+    features = to_features(test.take(pa.array(first_row)), model.user_tower.feature_names)
+    behaviour = list(model.user_tower.config.get("behaviour") or []) or [n for n in model.user_tower.feature_names if n.startswith("history")]
+    if behaviour:
+        length = feature_map.spec("history").max_len
+        histories = pa.table({"history": pa.array(training_histories(train, users, length), pa.list_(pa.string()))})
+        encoded = feature_map.encode(add_history_attributes(histories, catalog_lookups(catalog)))
+        features.update({name: torch.from_numpy(encoded[name]) for name in behaviour})
+    return model.user_tower(features)
+
+
+def user_retrieval(
+    model, feature_map: FeatureMap, prepared: Path, catalog: pa.Table, ad_matrix: np.ndarray, popularity: np.ndarray, ks: list[int], limit: int
+) -> dict:
+    """Per-user full ranking with seen items excluded: Recall/NDCG/HitRate@K for the model and popularity."""
+    catalog_ids = catalog["raw_ad_id"].combine_chunks()
+    test = pq.read_table(prepared / "test")
+    test = test.take(pc.sort_indices(test, [("user_key", "ascending")]))
+    positives = test.filter(pc.greater(test["label"], 0.5))
+    users = np.unique(positives["user_key"].to_numpy())[:limit]
+    history_columns = ["user_key", "raw_ad_id", "label", "ts"]
+    train = pq.read_table(prepared / "train", columns=history_columns)
+    seen_tables = pa.concat_tables([train.select(["user_key", "raw_ad_id"]), pq.read_table(prepared / "validation", columns=["user_key", "raw_ad_id"])])
+    relevant, seen = rows_by_user(positives, users, catalog_ids), rows_by_user(seen_tables, users, catalog_ids)
+    user = user_queries(model, feature_map, test, train, users, catalog).numpy()
+    k_max = max(max(ks), max(CURVE_KS))
+    model_hits, popular_hits = [], []
+    for start in range(0, len(users), 1024):
+        chunk = slice(start, start + 1024)
+        scores = user[chunk] @ ad_matrix.T  # (q, A)
+        popular = np.broadcast_to(popularity, scores.shape).copy()
+        is_relevant = np.zeros(scores.shape, bool)
+        for i, (mine, done) in enumerate(zip(relevant[chunk], seen[chunk])):
+            scores[i, done] = popular[i, done] = -np.inf
+            is_relevant[i, np.setdiff1d(mine, done)] = True
+        for hits, values in ((model_hits, scores), (popular_hits, popular)):
+            top = np.argsort(-values, axis=1, kind="stable")[:, :k_max]
+            hits.append(np.take_along_axis(is_relevant, top, axis=1))
+    counts = np.array([len(np.setdiff1d(r, s)) for r, s in zip(relevant, seen)])
+    keep = counts > 0  # a test positive already seen in training cannot be recommended; RecBole drops such users
+    metrics = top_k_metrics(np.concatenate(model_hits)[keep], counts[keep], sorted(set(ks) | set(CURVE_KS)))
+    popular_metrics = top_k_metrics(np.concatenate(popular_hits)[keep], counts[keep], ks)
+    metrics.update({f"popularity_{k}": v for k, v in popular_metrics.items()})
+    metrics["retrieval_queries"] = int(keep.sum())
+    return metrics
+
+
+def fit_calibration(model, prepared: Path, catalog_ids: pa.Array) -> Platt:
+    """Platt scaling on the validation split's logits."""
+    scored = score_split(model, ray.data.read_parquet(str(prepared / "validation")), catalog_ids)
+    return Platt.fit(scored["logit"], scored["label"])
+
+
 def run(cfg) -> dict:
-    """Evaluate the best checkpoint on the test split; write and return ``metrics.json``."""
+    """Evaluate the best checkpoint on the test split; write ``metrics.json``, ``calibration.json`` and plots."""
     init_ray_from(cfg)
     prepared = Path(resolve(cfg.paths.prepared_dir))
+    eval_dir = Path(resolve(cfg.paths.eval_dir))
     trained = read_json(require(Path(resolve(cfg.paths.train_dir)) / "result.json", "jobs/train.py"))
     model = load_checkpoint(trained["best_checkpoint"])
     check_same_features(trained["best_checkpoint"], prepared)
+    feature_map = FeatureMap.load(Path(trained["best_checkpoint"]) / FEATURE_MAP)
     catalog = pq.read_table(prepared / "ads.parquet")
     catalog_ids = catalog["raw_ad_id"].combine_chunks()
     ad_matrix = embed(model.ad_tower, catalog).numpy()  # (A, D)
 
-    test = ray.data.read_parquet(str(prepared / "test"))
-    scored = score_split(model, test, model.user_tower.feature_names, model.ad_tower.feature_names, catalog_ids)
+    calibration = fit_calibration(model, prepared, catalog_ids)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    calibration.save(eval_dir / "calibration.json")
+    scored = score_split(model, ray.data.read_parquet(str(prepared / "test")), catalog_ids)
     popularity = ad_click_counts(ray.data.read_parquet(str(prepared / "train")), catalog_ids)
+    ks, limit = list(cfg.evaluate.ks), int(cfg.evaluate.max_retrieval_queries)
+    protocol = (cfg.data.get("evaluation") or {}).get("protocol", "impression")
+    if protocol == "user":
+        retrieval = user_retrieval(model, feature_map, prepared, catalog, ad_matrix, popularity, ks, limit)
+    elif protocol == "impression":
+        retrieval = impression_retrieval(scored, ad_matrix, popularity, sorted(set(ks) | set(CURVE_KS)), limit)
+    else:
+        raise ValueError(f"data.evaluation.protocol={protocol!r} is not one of impression, user")
     metrics = {
-        **ranking_report(scored, popularity),
-        **retrieval_report(scored, ad_matrix, popularity, list(cfg.evaluate.ks), int(cfg.evaluate.max_retrieval_queries)),
+        **ranking_report(scored, calibration, popularity),
+        **retrieval,
+        "retrieval_protocol": protocol,
+        "calibration": {"method": "platt", "a": calibration.a, "b": calibration.b},
         "test_examples": int(len(scored["label"])),
         "test_clicks": int((scored["label"] > 0.5).sum()),
         "num_ads": int(len(catalog_ids)),
         "checkpoint": trained["best_checkpoint"],
     }
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-    write_json(Path(resolve(cfg.paths.eval_dir)) / "metrics.json", metrics)
+    metrics["plots"] = save_plots(eval_dir, trained["epochs"], metrics, scored["label"], calibration(scored["logit"]), CURVE_KS)
+    write_json(eval_dir / "metrics.json", metrics)
     return metrics
