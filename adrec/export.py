@@ -35,6 +35,11 @@ def run(cfg) -> dict:
             f"{trained['best_checkpoint']}: run jobs/evaluate.py again before exporting"
         )
     model = load_checkpoint(trained["best_checkpoint"])
+    if not hasattr(model, "user_tower"):
+        raise ArtifactError(
+            "export writes a two-tower model for Serve's retrieval; this checkpoint is a ranker "
+            "(model=dcn), which is evaluated offline but not served yet. Train model=two_tower to export."
+        )
     check_same_features(trained["best_checkpoint"], prepared)
 
     root = Path(resolve(cfg.paths.models_dir))

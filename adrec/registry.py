@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from adrec.models.ranker import DCNRanker
 from adrec.models.towers import EmbeddingMLPTower
 from adrec.models.two_tower import TwoTower
 
@@ -82,32 +83,48 @@ def save_weights(module: torch.nn.Module, path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, path)
 
 
-def _tower_from(config: dict) -> EmbeddingMLPTower:
+def _build(cls, config: dict):
     try:
-        return EmbeddingMLPTower(**config)
+        return cls(**config)
     except TypeError as error:
-        raise ArtifactError(f"tower arguments {sorted(config)} do not fit this adrec version ({error}); re-export the model") from None
+        raise ArtifactError(f"{cls.__name__} arguments {sorted(config)} do not fit this adrec version ({error}); re-export the model") from None
 
 
-def save_checkpoint(model: TwoTower, directory: str | Path, feature_map: str | Path, **fields) -> None:
+def _tower_from(config: dict) -> EmbeddingMLPTower:
+    return _build(EmbeddingMLPTower, config)
+
+
+def model_description(model: TwoTower | DCNRanker) -> dict:
+    """What rebuilds ``model`` without the training config: its kind and constructor arguments."""
+    if isinstance(model, TwoTower):
+        return {"kind": "two_tower", "user_tower": model.user_tower.config, "ad_tower": model.ad_tower.config}
+    return {"kind": "dcn", "config": model.config}
+
+
+def save_checkpoint(model: TwoTower | DCNRanker, directory: str | Path, feature_map: str | Path, **fields) -> None:
     """Write a training checkpoint: weights, constructor args, the feature map it was trained with, a manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy2(feature_map, directory / FEATURE_MAP)
     save_weights(model, directory / "model.safetensors")
-    config = {"format": CHECKPOINT_FORMAT, "user_tower": model.user_tower.config, "ad_tower": model.ad_tower.config}
-    (directory / "model.json").write_text(json.dumps(config, indent=2))
+    (directory / "model.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, **model_description(model)}, indent=2))
     write_manifest(directory, format=CHECKPOINT_FORMAT, **fields)
 
 
-def load_checkpoint(directory: str | Path) -> TwoTower:
-    """Rebuild a TwoTower from a checkpoint directory after verifying its checksums."""
+def load_checkpoint(directory: str | Path) -> TwoTower | DCNRanker:
+    """Rebuild a model from a checkpoint directory after verifying its checksums."""
     directory = Path(directory)
     verify_manifest(directory)
     config = json.loads((directory / "model.json").read_text())
     if config.get("format") != CHECKPOINT_FORMAT:
         raise ArtifactError(f"{directory} is not an adrec checkpoint (format {config.get('format')!r})")
-    model = TwoTower(_tower_from(config["user_tower"]), _tower_from(config["ad_tower"]))
+    kind = config.get("kind", "two_tower")
+    if kind == "two_tower":
+        model = TwoTower(_tower_from(config["user_tower"]), _tower_from(config["ad_tower"]))
+    elif kind == "dcn":
+        model = _build(DCNRanker, config["config"])
+    else:
+        raise ArtifactError(f"{directory} holds a model of kind {kind!r}, which this adrec version cannot build")
     model.load_state_dict(load_file(directory / "model.safetensors"))
     return model.eval()
 

@@ -8,8 +8,8 @@ from adrec import pipeline
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg) -> None:
-    pipeline.run(cfg)
-    if cfg.pipeline.serve_demo:
+    results = pipeline.run(cfg)
+    if cfg.pipeline.serve_demo and "export" in results:
         from serve import demo  # the Serve app is only needed for the demo
 
         demo.run(cfg)

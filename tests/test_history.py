@@ -152,3 +152,12 @@ def test_random_splits_build_histories_from_training_clicks_only():
     # Every earlier training click is still there, most recent first.
     last = out["history"].to_pylist()[-1]
     assert last == [f"m{i}" for i in reversed(range(n - 1)) if split[f"m{i}"] == "train"]
+
+
+def test_kfold_splits_put_every_row_in_exactly_one_test_fold():
+    rows = pa.table({"event_id": [f"e{i}" for i in range(5000)]})
+    tests = [assign_split(rows, None, SplitRule("kfold", validation=0.1, folds=5, fold=f), seed=4) == "test" for f in range(5)]
+    assert (np.sum(tests, axis=0) == 1).all()
+    assert all(800 < t.sum() < 1200 for t in tests)
+    split = assign_split(rows, None, SplitRule("kfold", validation=0.1, folds=5, fold=2), seed=4)
+    assert 0.06 < (split == "validation").mean() < 0.1

@@ -89,3 +89,34 @@ def test_normalized_towers_score_cosine_over_temperature():
 def test_unknown_user_encoder_is_a_clear_error():
     with pytest.raises(ValueError, match="mlp, cnn, gru, attention"):
         behaviour_tower("lstm")
+
+
+def ranker_inputs(b: int = 4) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return {
+        "ad_id": torch.randint(2, 9, (b,)),
+        "category": torch.randint(2, 5, (b,)),
+        "device": torch.randint(2, 4, (b,)),
+        "history": torch.randint(2, 9, (b, 5)),
+        "history_category": torch.randint(2, 5, (b, 5)),
+        "tokens": torch.randint(0, 6, (b, 3)),
+        "price": torch.rand(b),
+    }
+
+
+def test_dcn_ranker_attends_over_history_with_the_candidates_tables():
+    from adrec.models.ranker import DCNRanker
+
+    torch.manual_seed(0)
+    model = DCNRanker(
+        {"ad_id": 9, "category": 5, "device": 4}, {"tokens": 6}, ["price"],
+        {"history": "ad_id", "history_category": "category"}, 8, 2, [16],
+    ).eval()
+    batch = ranker_inputs()
+    logits = model(batch)
+    assert logits.shape == (4,) and torch.isfinite(logits).all()
+    # An empty history is finite, and the attention depends on which ads were clicked.
+    empty = {**batch, "history": torch.zeros(4, 5, dtype=torch.long), "history_category": torch.zeros(4, 5, dtype=torch.long)}
+    assert torch.isfinite(model(empty)).all() and not torch.allclose(model(empty), logits)
+    # No separate history tables: clicked ads are embedded with the candidate's own tables.
+    assert not any("history" in name for name, _ in model.named_parameters())

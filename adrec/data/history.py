@@ -32,12 +32,16 @@ class SplitRule:
     random          each example by a hash of its id: fractions train / validation / rest
     per_user_random each user's examples in hash order: the first ``train`` share, then validation
     leave_last_out  each user's last example is test, the one before validation, the rest train
+    kfold           cross-validation: a hash of each row picks one of ``folds`` folds; fold ``fold``
+                    is test, and a ``validation`` share of the other rows is validation
     """
 
     kind: str = "time"
     train: float = 0.8
     validation: float = 0.1
     cutoffs_ms: tuple[int, int] | None = None
+    folds: int = 5
+    fold: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,12 @@ def assign_split(rows: pa.Table, user_code: np.ndarray | None, rule: SplitRule, 
     draw = uniform(row_keys(rows), seed)
     if rule.kind == "random":
         return np.where(draw < rule.train, "train", np.where(draw < rule.train + rule.validation, "validation", "test"))
+    if rule.kind == "kfold":
+        if not 0 <= rule.fold < rule.folds:
+            raise ValueError(f"split.fold={rule.fold} must be in [0, split.folds={rule.folds})")
+        held_out = np.floor(draw * rule.folds).astype(np.int64) == rule.fold
+        second = uniform(row_keys(rows), seed + 1)  # independent of the fold draw
+        return np.where(held_out, "test", np.where(second < rule.validation, "validation", "train"))
     if user_code is None:
         raise ValueError(f"split.kind={rule.kind} needs a user column (columns.user_id)")
     # Position of each row within its user: by draw (per_user_random) or by time (leave_last_out).
@@ -123,7 +133,7 @@ def assign_split(rows: pa.Table, user_code: np.ndarray | None, rule: SplitRule, 
         return np.where(share < rule.train, "train", np.where(share < rule.train + rule.validation, "validation", "test"))
     if rule.kind == "leave_last_out":
         return np.where(rank == size - 1, "test", np.where(rank == size - 2, "validation", "train"))
-    raise ValueError(f"unknown split.kind {rule.kind!r}: use time, random, per_user_random or leave_last_out")
+    raise ValueError(f"unknown split.kind {rule.kind!r}: use time, random, kfold, per_user_random or leave_last_out")
 
 
 def _follows(events: pa.Table, kind: str) -> pa.Array:

@@ -277,7 +277,8 @@ def split_rule(cfg, checked: dict) -> SplitRule:
             raise ValueError("data.prepare.split.kind=time needs a time column: map data.events.columns.ts, or use split.kind=random")
         span = checked["ts_max"] - checked["ts_min"]
         cutoffs = (checked["ts_min"] + int(span * s.train), checked["ts_min"] + int(span * (s.train + s.validation)))
-    return SplitRule(kind=s.kind, train=float(s.train), validation=float(s.validation), cutoffs_ms=cutoffs)
+    folds = {"folds": int(s.folds), "fold": int(s.fold)} if s.kind == "kfold" else {}
+    return SplitRule(kind=s.kind, train=float(s.train), validation=float(s.validation), cutoffs_ms=cutoffs, **folds)
 
 
 def label_rule(cfg) -> LabelRule | None:

@@ -68,21 +68,24 @@ def catalog_rows(ad_ids: pa.Array | pa.ChunkedArray, catalog_ids: pa.Array) -> n
 @torch.no_grad()
 def score_split(model, split: ray.data.Dataset, catalog_ids: pa.Array) -> dict[str, np.ndarray]:
     """Stream a split through the model: per-example logit, label, truth, catalog row, user key,
-    and the user embeddings of clicked rows (``clicked_user``, (C, D))."""
-    user_names, ad_names = model.user_tower.feature_names, model.ad_tower.feature_names
+    and, for a two-tower model, the user embeddings of clicked rows (``clicked_user``, (C, D))."""
+    towers = hasattr(model, "user_tower")
     out = {"logit": [], "label": [], "true_pctr": [], "ad_row": [], "user_key": [], "clicked_user": []}
     for batch in split.iter_batches(batch_size=8192, batch_format="numpy"):
-        user = model.user_tower(to_features(batch, user_names))
-        ad = model.ad_tower(to_features(batch, ad_names))
-        logit = ((user * ad).sum(-1) + model.logit_bias).numpy()
-        clicked = batch["label"] > 0.5
-        out["logit"].append(logit)
+        n = len(batch["label"])
+        if towers:
+            user = model.user_tower(to_features(batch, model.user_tower.feature_names))
+            ad = model.ad_tower(to_features(batch, model.ad_tower.feature_names))
+            out["logit"].append(((user * ad).sum(-1) + model.logit_bias).numpy())
+            out["clicked_user"].append(user[torch.from_numpy(batch["label"] > 0.5)])
+        else:
+            out["logit"].append(model(to_features(batch, model.feature_names)).numpy())
         out["label"].append(batch["label"])
-        out["true_pctr"].append(batch.get("true_pctr", np.full(len(logit), np.nan, np.float32)))
-        out["user_key"].append(batch.get("user_key", np.zeros(len(logit), np.int64)))
-        out["ad_row"].append(catalog_rows(pa.array(batch["raw_ad_id"]), catalog_ids))
-        out["clicked_user"].append(user[torch.from_numpy(clicked)])
-    return {k: (torch.cat(v).numpy() if k == "clicked_user" else np.concatenate(v)) for k, v in out.items()}
+        out["true_pctr"].append(batch.get("true_pctr", np.full(n, np.nan, np.float32)))
+        out["user_key"].append(batch.get("user_key", np.arange(n, dtype=np.int64)))  # no users: GAUC is plain AUC
+        ad_ids = pa.array(batch["raw_ad_id"]) if "raw_ad_id" in batch else pa.nulls(n, pa.string())
+        out["ad_row"].append(catalog_rows(ad_ids, catalog_ids))
+    return {k: (torch.cat(v).numpy() if k == "clicked_user" else np.concatenate(v)) for k, v in out.items() if v}
 
 
 def ranking_report(scored: dict, calibration: Platt, popularity: np.ndarray) -> dict:
@@ -93,7 +96,8 @@ def ranking_report(scored: dict, calibration: Platt, popularity: np.ndarray) -> 
     raw = classification_metrics(labels, 1 / (1 + np.exp(-scored["logit"])))
     metrics.update({"uncalibrated_logloss": raw["logloss"], "uncalibrated_ece": raw["ece"], "uncalibrated_mean_pctr": raw["mean_pctr"]})
     metrics["gauc"] = group_auc(labels, probs, scored["user_key"])
-    metrics["popularity_auc"] = auc(labels, np.where(ad_row >= 0, popularity[np.maximum(ad_row, 0)], 0.0))
+    if len(popularity):
+        metrics["popularity_auc"] = auc(labels, np.where(ad_row >= 0, popularity[np.maximum(ad_row, 0)], 0.0))
     truth = scored["true_pctr"]
     known = ~np.isnan(truth)
     if known.any():
@@ -207,27 +211,31 @@ def run(cfg) -> dict:
     model = load_checkpoint(trained["best_checkpoint"])
     check_same_features(trained["best_checkpoint"], prepared)
     feature_map = FeatureMap.load(Path(trained["best_checkpoint"]) / FEATURE_MAP)
-    catalog = pq.read_table(prepared / "ads.parquet")
+    has_catalog = (prepared / "ads.parquet").exists()
+    catalog = pq.read_table(prepared / "ads.parquet") if has_catalog else pa.table({"raw_ad_id": pa.array([], pa.string())})
     catalog_ids = catalog["raw_ad_id"].combine_chunks()
-    ad_matrix = embed(model.ad_tower, catalog).numpy()  # (A, D)
 
     calibration = fit_calibration(model, prepared, catalog_ids)
     eval_dir.mkdir(parents=True, exist_ok=True)
     calibration.save(eval_dir / "calibration.json")
     scored = score_split(model, ray.data.read_parquet(str(prepared / "test")), catalog_ids)
-    popularity = ad_click_counts(ray.data.read_parquet(str(prepared / "train")), catalog_ids)
+    has_ads = "raw_ad_id" in ray.data.read_parquet(str(prepared / "train")).schema().names
+    popularity = ad_click_counts(ray.data.read_parquet(str(prepared / "train")), catalog_ids) if has_ads else np.zeros(0)
     ks, limit = list(cfg.evaluate.ks), int(cfg.evaluate.max_retrieval_queries)
     protocol = (cfg.data.get("evaluation") or {}).get("protocol", "impression")
-    if protocol == "user":
-        retrieval = user_retrieval(model, feature_map, prepared, catalog, ad_matrix, popularity, ks, limit)
-    elif protocol == "impression":
-        retrieval = impression_retrieval(scored, ad_matrix, popularity, sorted(set(ks) | set(CURVE_KS)), limit)
-    else:
-        raise ValueError(f"data.evaluation.protocol={protocol!r} is not one of impression, user")
+    retrieval = {}
+    if hasattr(model, "user_tower") and has_catalog:  # a ranker scores given ads; it does not retrieve
+        ad_matrix = embed(model.ad_tower, catalog).numpy()  # (A, D)
+        if protocol == "user":
+            retrieval = user_retrieval(model, feature_map, prepared, catalog, ad_matrix, popularity, ks, limit)
+        elif protocol == "impression":
+            retrieval = impression_retrieval(scored, ad_matrix, popularity, sorted(set(ks) | set(CURVE_KS)), limit)
+        else:
+            raise ValueError(f"data.evaluation.protocol={protocol!r} is not one of impression, user")
     metrics = {
         **ranking_report(scored, calibration, popularity),
         **retrieval,
-        "retrieval_protocol": protocol,
+        "retrieval_protocol": protocol if retrieval else None,
         "calibration": {"method": "platt", "a": calibration.a, "b": calibration.b},
         "test_examples": int(len(scored["label"])),
         "test_clicks": int((scored["label"] > 0.5).sum()),

@@ -57,8 +57,11 @@ def reliability(labels: np.ndarray, probs: np.ndarray, path: Path) -> None:
 
 
 def save_plots(directory: Path, epochs: list[dict], metrics: dict, labels: np.ndarray, probs: np.ndarray, ks: tuple[int, ...]) -> list[str]:
-    """Write the three plots into ``directory``; return their file names."""
+    """Write the plots into ``directory`` (Recall@K only for a model that retrieves); return their file names."""
     training_curves(epochs, directory / "training_curves.png")
-    recall_curve(metrics, ks, directory / "recall_at_k.png")
     reliability(labels, probs, directory / "reliability.png")
-    return ["training_curves.png", "recall_at_k.png", "reliability.png"]
+    written = ["training_curves.png", "reliability.png"]
+    if metrics.get("retrieval_protocol"):
+        recall_curve(metrics, ks, directory / "recall_at_k.png")
+        written.append("recall_at_k.png")
+    return written
