@@ -1,5 +1,7 @@
 """Each user encoder and the retrieval loss train through Ray Train by changing config values."""
 
+from pathlib import Path
+
 import pytest
 
 from adrec.registry import load_checkpoint
@@ -27,3 +29,19 @@ def test_user_encoder_trains_from_one_config_value(tiny_run, tmp_path, encoder, 
     model = load_checkpoint(result["best_checkpoint"])
     assert model.user_tower.config["encoder"]["kind"] == encoder
     assert model.user_tower.config["behaviour"].keys() == {"history", "history_category"}
+
+
+def test_selection_trains_each_encoder_and_marks_the_best_on_validation(tiny_run, tmp_path):
+    from adrec.runtime import read_json
+    from adrec.train import select
+
+    cfg = compose_config(
+        tmp_path, f"paths.prepared_dir={tiny_run['cfg'].paths.prepared_dir}", "select.encoders=[mlp,gru]",
+        "trainer.num_workers=1", "trainer.cpus_per_worker=1", "trainer.epochs=1",
+    )
+    selection = select.run(cfg)
+    scores = {name: c["validation"]["val_auc"] for name, c in selection["candidates"].items()}
+    assert set(scores) == {"mlp", "gru"} and selection["winner"] == max(scores, key=scores.get)
+    chosen = read_json(Path(cfg.paths.train_dir) / "result.json")
+    assert chosen["selected_encoder"] == selection["winner"]
+    assert load_checkpoint(chosen["best_checkpoint"]).user_tower.config["encoder"]["kind"] == selection["winner"]

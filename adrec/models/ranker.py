@@ -5,7 +5,9 @@ features (this user's device x that advertiser). The ranker sees all features at
     x0 = [embeddings of every categorical/bucket feature, pooled token bags, dense values,
           attention-pooled history against the candidate ad]
     cross layers (Wang et al., WWW 2021):  x_{l+1} = x0 * (W_l x_l + b_l) + x_l
-    then an MLP to one logit (the "stacked" DCN-v2).
+    then an MLP to one logit (the "stacked" DCN-v2),
+    plus, with ``wide``, a linear term: one learned weight per feature value, summed (logistic
+    regression on one-hot features), which carries small logs while the deep part learns.
 Target attention (Zhou et al., KDD 2018) weighs each clicked ad by its relevance to the candidate:
 history items share the candidate's embedding tables (ad_id, and e.g. category for
 history_category), so "clicked something like this" is learned once.
@@ -67,6 +69,8 @@ class DCNRanker(nn.Module):
         embedding_dim: int,
         cross_layers: int,
         hidden_dims: list[int],
+        wide: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.config = {
@@ -77,6 +81,8 @@ class DCNRanker(nn.Module):
             "embedding_dim": embedding_dim,
             "cross_layers": cross_layers,
             "hidden_dims": list(hidden_dims),
+            "wide": wide,
+            "dropout": dropout,
         }
         self.embeddings = nn.ModuleDict({n: nn.Embedding(c, embedding_dim, padding_idx=PAD) for n, c in categorical.items()})
         self.bags = nn.ModuleDict({n: nn.EmbeddingBag(c, embedding_dim, mode="mean", padding_idx=PAD) for n, c in bags.items()})
@@ -85,7 +91,11 @@ class DCNRanker(nn.Module):
         self.attention = TargetAttention(embedding_dim) if history else None
         width = embedding_dim * (len(categorical) + len(bags) + bool(history)) + len(dense)
         self.cross = CrossNetwork(width, cross_layers)
+        self.dropout = nn.Dropout(dropout)
         self.deep = mlp(width, hidden_dims, 1)
+        # The wide part: a weight per categorical value, and per dense value.
+        self.wide = nn.ModuleDict({n: nn.Embedding(c, 1, padding_idx=PAD) for n, c in categorical.items()}) if wide else None
+        self.wide_dense = nn.Linear(len(dense), 1, bias=False) if wide and dense else None
 
     @property
     def feature_names(self) -> list[str]:
@@ -96,8 +106,13 @@ class DCNRanker(nn.Module):
         parts += [bag(features[name]) for name, bag in self.bags.items()]
         if self.attention is not None:
             parts.append(self._attend(features))
-        parts += [features[name].float().unsqueeze(-1) for name in self.dense]
-        return self.deep(self.cross(torch.cat(parts, dim=-1))).squeeze(-1)
+        dense = [features[name].float().unsqueeze(-1) for name in self.dense]
+        logit = self.deep(self.dropout(self.cross(torch.cat(parts + dense, dim=-1)))).squeeze(-1)
+        if self.wide is not None:
+            logit = logit + sum(weight(features[name]).squeeze(-1) for name, weight in self.wide.items())
+        if self.wide_dense is not None:
+            logit = logit + self.wide_dense(torch.cat(dense, dim=-1)).squeeze(-1)
+        return logit
 
     def _attend(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The candidate (sum of its shared tables' embeddings) attends over the clicked ads."""
@@ -108,7 +123,15 @@ class DCNRanker(nn.Module):
         return self.attention(candidate, items, mask)
 
 
-def build_dcn(feature_map: FeatureMap, embedding_dim: int, cross_layers: int, hidden_dims: list[int], target_attention: bool = True) -> DCNRanker:
+def build_dcn(
+    feature_map: FeatureMap,
+    embedding_dim: int,
+    cross_layers: int,
+    hidden_dims: list[int],
+    target_attention: bool = True,
+    wide: bool = False,
+    dropout: float = 0.0,
+) -> DCNRanker:
     """Size the ranker from ``feature_map``: every group's features, histories attending when their tables exist."""
     specs = feature_map.features
     categorical = {s.name: feature_map.cardinality(s.name) for s in specs if s.kind in ("categorical", "bucket")}
@@ -123,4 +146,4 @@ def build_dcn(feature_map: FeatureMap, embedding_dim: int, cross_layers: int, hi
             history = {}  # attributes alone have no candidate-aligned anchor
     bags = {s.name: feature_map.cardinality(s.name) for s in specs if s.kind == "sequence" and s.name not in history}
     dense = [s.name for s in specs if s.kind == "dense"]
-    return DCNRanker(categorical, bags, dense, history, embedding_dim, cross_layers, hidden_dims)
+    return DCNRanker(categorical, bags, dense, history, embedding_dim, cross_layers, hidden_dims, wide, dropout)

@@ -52,12 +52,19 @@ def build_two_tower(
     user_encoder: dict | None = None,
     normalize: bool = False,
     temperature: float = 1.0,
+    drop_features: list[str] | None = None,
 ) -> TwoTower:
     """Size both towers from ``feature_map``: user + context features on one side, ad features on the other.
 
     user_encoder: {"kind": mlp|cnn|gru|attention, ...options} for the behaviour sequence.
     normalize, temperature: U . V becomes cos(U, V) / temperature (see EmbeddingMLPTower).
+    drop_features: features the towers leave out, e.g. [user_id] so that users are known only by
+        their history and profile (no per-user table to memorise; new users are no different).
     """
+    dropped = set(drop_features or [])
+    unknown = dropped - {f.name for f in feature_map.features}
+    if unknown:
+        raise ValueError(f"model.drop_features names {sorted(unknown)}, which the feature map does not have")
 
     if not (feature_map.names("user") and feature_map.names("ad")):
         raise ValueError(
@@ -67,7 +74,7 @@ def build_two_tower(
 
     def tower(groups: tuple[str, ...], encoder: dict | None) -> EmbeddingMLPTower:
         def names(kind: str) -> list[str]:
-            return [n for g in groups for n in feature_map.names(g, kind)]
+            return [n for g in groups for n in feature_map.names(g, kind) if n not in dropped]
 
         sequences = names("sequence")
         behaviour = [n for n in sequences if is_behaviour(n)] if encoder else []
