@@ -12,16 +12,20 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """(N,) ints -> (N,); (N,) equal-length int lists -> (N, L)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type):
         return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.int64) if len(column) else np.empty((0, 0), np.int64)
     return column.to_numpy(zero_copy_only=False)
 
 
 def to_features(batch: dict[str, np.ndarray] | pa.Table, names: list[str]) -> dict[str, torch.Tensor]:
-    """Select tower inputs ``names`` from a numpy dict or an Arrow table as int64 tensors."""
-    if isinstance(batch, pa.Table):
-        return {n: torch.from_numpy(column_to_numpy(batch[n]).astype(np.int64)) for n in names}
-    return {n: torch.from_numpy(np.asarray(batch[n]).astype(np.int64)) for n in names}
+    """Select model inputs ``names`` from a numpy dict or an Arrow table: ids as int64, dense values as float32."""
+    columns = {n: column_to_numpy(batch[n]) for n in names} if isinstance(batch, pa.Table) else {n: np.asarray(batch[n]) for n in names}
+    return {n: torch.from_numpy(as_model_dtype(v)) for n, v in columns.items()}
+
+
+def as_model_dtype(values: np.ndarray) -> np.ndarray:
+    """Floats stay float32 (dense features); everything else becomes int64 ids."""
+    return values.astype(np.float32) if np.issubdtype(values.dtype, np.floating) else values.astype(np.int64)
 
 
 @torch.no_grad()

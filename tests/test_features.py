@@ -1,6 +1,7 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from adrec.features import OOV, PAD, FeatureMap, FeatureSpec, Vocabulary, encode_sequence
 
@@ -67,3 +68,14 @@ def test_numbers_become_log_values_and_quantile_buckets():
     assert out["I1_q"].tolist() == [2, 3, 4, OOV, 2]
     assert out["I1"].tolist() == pytest.approx([0.0, np.log1p(5), np.log1p(100), 0.0, -np.log1p(3)])
     assert fm.cardinality("I1_q") == 5
+
+
+def test_model_inputs_keep_dense_values_as_floats():
+    # Evaluation once cast every input to int64, truncating dense features (Criteo's I1-I13) it was trained on as floats.
+    from adrec.inference import to_features
+
+    table = pa.table({"ad_id": pa.array([3, 4]), "I1": pa.array([0.69, 2.5], pa.float32())})
+    for batch in (table, {"ad_id": np.array([3, 4]), "I1": np.array([0.69, 2.5], np.float32)}):
+        out = to_features(batch, ["ad_id", "I1"])
+        assert out["ad_id"].dtype == torch.int64 and out["I1"].dtype == torch.float32
+        assert torch.allclose(out["I1"], torch.tensor([0.69, 2.5]))

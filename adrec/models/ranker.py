@@ -96,6 +96,9 @@ class DCNRanker(nn.Module):
         # The wide part: a weight per categorical value, and per dense value.
         self.wide = nn.ModuleDict({n: nn.Embedding(c, 1, padding_idx=PAD) for n, c in categorical.items()}) if wide else None
         self.wide_dense = nn.Linear(len(dense), 1, bias=False) if wide and dense else None
+        if self.wide is not None:
+            for weight in self.wide.values():  # start as the deep part alone; N(0, 1) per feature would swamp it
+                nn.init.zeros_(weight.weight)
 
     @property
     def feature_names(self) -> list[str]:
