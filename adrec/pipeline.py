@@ -11,9 +11,9 @@ from adrec.runtime import init_ray_from
 from adrec.train import driver
 
 TABLE_KEYS = (
-    "auc", "oracle_auc", "popularity_auc", "auc_over_oracle", "logloss", "oracle_logloss",
-    "accuracy", "precision", "recall", "mean_pctr", "observed_ctr",
-    "recall@10", "ndcg@10", "popularity_recall@10", "popularity_ndcg@10",
+    "auc", "gauc", "oracle_auc", "popularity_auc", "auc_over_oracle", "logloss", "oracle_logloss",
+    "accuracy", "precision", "recall", "ece", "mean_pctr", "observed_ctr",
+    "recall@10", "ndcg@10", "hitrate@10", "popularity_recall@10", "popularity_ndcg@10",
 )
 
 

@@ -1,8 +1,8 @@
 """Model selection: train one two-tower model per user encoder, compare them on the validation
 split, and mark the best for evaluation and export.
 
-    python jobs/select.py                                  # mlp, cnn, gru, attention
-    python jobs/select.py 'select.encoders=[mlp,gru]'      # a subset
+    python jobs/select_model.py                                  # mlp, cnn, gru, attention
+    python jobs/select_model.py 'select.encoders=[mlp,gru]'      # a subset
 
 Each candidate trains into ``<train_dir>/select/<encoder>/``; ``<train_dir>/selection.json``
 lists every candidate's best validation metrics and the winner, and the winner's result becomes

@@ -1,4 +1,4 @@
-"""`python jobs/select.py [key=value ...]`: train each user encoder, keep the best on validation (see adrec/train/select.py)."""
+"""`python jobs/select_model.py [key=value ...]`: train each user encoder, keep the best on validation (see adrec/train/select.py)."""
 
 import hydra
 
