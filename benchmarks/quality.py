@@ -11,7 +11,7 @@ Prints JSON with mean and std over seeds:
     criteo.auc, criteo.logloss, criteo.lr_auc  the DCN ranker and logistic regression (scikit-learn,
                                           one-hot of the same encoded features) on the same 5 folds
 Every stage runs through the jobs' own code (prepare -> Ray Train -> evaluate) in one Ray session;
-the real datasets are read in place from ../shared/data.
+the real datasets are read in place from ../shared/data (or $ADREC_SHARED_DATA).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from adrec.runtime import init_ray  # noqa: E402
 from adrec.train import driver  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("ADREC_SHARED_DATA", ROOT.parent / "shared" / "data"))  # read in place, never copied
 ENCODERS = ("mlp", "cnn", "gru", "attention")
 MOVIELENS = [
     "data=movielens",
