@@ -121,6 +121,10 @@ def test_evaluation_calibrates_on_validation_and_plots(tiny_run):
     assert metrics["logloss"] <= metrics["uncalibrated_logloss"] + 0.002
     assert 0.0 <= metrics["ece"] < 0.03
     assert metrics["gauc"] > 0.5 and metrics["hitrate@10"] == metrics["recall@10"]
+    # min_count=20 leaves some ads out of the vocabulary: their content features still rank them.
+    test_ads = pq.read_table(Path(tiny_run["cfg"].paths.prepared_dir) / "test", columns=["ad_id"])["ad_id"].to_numpy()
+    assert metrics["cold_ad_examples"] == int((test_ads == OOV).sum()) > 50
+    assert metrics["cold_ad_auc"] > 0.5
     assert Platt.load(eval_dir / "calibration.json") == Platt(**{k: metrics["calibration"][k] for k in ("a", "b")})
     for name in metrics["plots"]:
         assert (eval_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,7 @@
 Calibration: Platt scaling fitted on the validation split (``calibration.json``); test pCTR
 metrics use the calibrated probability, as the auction will.
 Ranking: AUC, GAUC (per user), logloss, accuracy/precision/recall at 0.5, ECE, mean pCTR
-against the observed CTR.
+against the observed CTR, and AUC on impressions of cold ads (out of the id vocabulary).
 Retrieval over the whole catalog by U . V, by ``data.evaluation.protocol``:
     impression  each clicked test impression is a query for its ad, with the user's features
                 and history at that moment (event logs: what the ad server would have asked)
@@ -37,7 +37,7 @@ from adrec.eval.metrics import (
     top_k_metrics,
 )
 from adrec.eval.plots import save_plots
-from adrec.features import FeatureMap, add_history_attributes
+from adrec.features import OOV, FeatureMap, add_history_attributes
 from adrec.inference import catalog_lookups, embed, to_features
 from adrec.registry import FEATURE_MAP, check_same_features, load_checkpoint
 from adrec.runtime import init_ray_from, read_json, require, resolve, write_json
@@ -70,7 +70,7 @@ def score_split(model, split: ray.data.Dataset, catalog_ids: pa.Array) -> dict[s
     """Stream a split through the model: per-example logit, label, truth, catalog row, user key,
     and, for a two-tower model, the user embeddings of clicked rows (``clicked_user``, (C, D))."""
     towers = hasattr(model, "user_tower")
-    out = {"logit": [], "label": [], "true_pctr": [], "ad_row": [], "user_key": [], "clicked_user": []}
+    out = {"logit": [], "label": [], "true_pctr": [], "ad_row": [], "user_key": [], "cold_ad": [], "clicked_user": []}
     for batch in split.iter_batches(batch_size=8192, batch_format="numpy"):
         n = len(batch["label"])
         if towers:
@@ -81,6 +81,7 @@ def score_split(model, split: ray.data.Dataset, catalog_ids: pa.Array) -> dict[s
         else:
             out["logit"].append(model(to_features(batch, model.feature_names)).numpy())
         out["label"].append(batch["label"])
+        out["cold_ad"].append(batch["ad_id"] == OOV if "ad_id" in batch else np.zeros(n, bool))  # unseen or rare in training
         out["true_pctr"].append(batch.get("true_pctr", np.full(n, np.nan, np.float32)))
         out["user_key"].append(batch.get("user_key", np.arange(n, dtype=np.int64)))  # no users: GAUC is plain AUC
         ad_ids = pa.array(batch["raw_ad_id"]) if "raw_ad_id" in batch else pa.nulls(n, pa.string())
@@ -96,6 +97,10 @@ def ranking_report(scored: dict, calibration: Platt, popularity: np.ndarray) -> 
     raw = classification_metrics(labels, 1 / (1 + np.exp(-scored["logit"])))
     metrics.update({"uncalibrated_logloss": raw["logloss"], "uncalibrated_ece": raw["ece"], "uncalibrated_mean_pctr": raw["mean_pctr"]})
     metrics["gauc"] = group_auc(labels, probs, scored["user_key"])
+    # Ads the model has no id embedding for: only their content features speak for them.
+    cold = scored["cold_ad"]
+    metrics["cold_ad_examples"] = int(cold.sum())
+    metrics["cold_ad_auc"] = auc(labels[cold], probs[cold])
     if len(popularity):
         metrics["popularity_auc"] = auc(labels, np.where(ad_row >= 0, popularity[np.maximum(ad_row, 0)], 0.0))
     truth = scored["true_pctr"]
