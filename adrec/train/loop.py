@@ -55,10 +55,12 @@ class Objective:
         rows = torch.randint(self.catalog_size, (self.loss.uniform_negatives,), device=self.catalog["ad_id"].device)
         return {k: v[rows] for k, v in self.catalog.items()}
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scalar loss, click logits (B,)) of one batch."""
         loss = self.loss
         if not loss.softmax_weight:
-            return loss.bce_weight * nn.functional.binary_cross_entropy_with_logits(model(batch), batch["label"])
+            logits = model(batch)
+            return loss.bce_weight * nn.functional.binary_cross_entropy_with_logits(logits, batch["label"]), logits
         negatives = self.negatives()
         logits, user, ad = model(batch, return_embeddings=True, negatives=negatives)
         ad_ids = batch["ad_id"] if negatives is None else torch.cat([batch["ad_id"], negatives["ad_id"]])
@@ -69,12 +71,12 @@ class Objective:
         softmax = in_batch_softmax(user, ad, ad_ids, batch["label"] > 0.5, log_q, loss.remove_accidental_hits)
         # The BCE term stays in the graph even at weight 0, so DDP sees the logit bias used.
         bce = nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
-        return loss.softmax_weight * softmax + loss.bce_weight * bce
+        return loss.softmax_weight * softmax + loss.bce_weight * bce, logits
 
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, objective: Objective) -> float:
     """One optimizer step on a batch of examples (label: clicked = 1); returns the loss."""
-    loss = objective(model, batch)
+    loss, _ = objective(model, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -82,29 +84,24 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, batches, objective: Objective) -> float:
-    """Mean training objective over ``batches`` (comparable across epochs; for implicit feedback, where AUC is undefined)."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        total += float(objective(model, batch)) * len(batch["label"])
-        count += len(batch["label"])
-    model.train()
-    return total / max(count, 1)
+def validate(model: nn.Module, batches, objective: Objective) -> tuple[np.ndarray, np.ndarray, float]:
+    """One pass over ``batches``: pCTR (N,), labels (N,) and the mean training objective.
 
-
-@torch.no_grad()
-def predict(model: nn.Module, batches) -> tuple[np.ndarray, np.ndarray]:
-    """(pCTR, label) arrays over ``batches``, both (N,)."""
+    The objective at the training batch size stays comparable across epochs, and is the
+    score to select on for implicit feedback, where AUC is undefined.
+    """
     model.eval()
-    probs, labels = [], []
+    probs, labels, total = [], [], 0.0
     for batch in batches:
-        probs.append(torch.sigmoid(model(batch)).cpu().numpy())
+        loss, logits = objective(model, batch)
+        total += float(loss) * len(batch["label"])
+        probs.append(torch.sigmoid(logits).cpu().numpy())
         labels.append(batch["label"].cpu().numpy())
     model.train()
     if not probs:
-        return np.empty(0, np.float32), np.empty(0, np.float32)
-    return np.concatenate(probs), np.concatenate(labels)
+        return np.empty(0, np.float32), np.empty(0, np.float32), float("nan")
+    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    return probs, labels, total / len(labels)
 
 
 def _gather(array: np.ndarray) -> np.ndarray:
@@ -146,9 +143,8 @@ def train_loop_per_worker(config: dict) -> dict:
             seen += len(batch["label"])
             steps += 1
         seconds = time.perf_counter() - started
-        probs, labels = predict(model, val_shard.iter_torch_batches(batch_size=8192, device=device))
+        probs, labels, val_loss = validate(model, val_shard.iter_torch_batches(batch_size=config["batch_size"], device=device), objective)
         probs, labels = _gather(probs), _gather(labels)
-        val_loss = validation_loss(model, val_shard.iter_torch_batches(batch_size=config["batch_size"], device=device), objective)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(steps, 1),
