@@ -7,7 +7,9 @@
     examples --encode--> train/ validation/ test/ Parquet shards
 
 Plus the serving side tables: the encoded ad catalog and each user's features and latest
-history. Every count goes into ``report.json``; rows read = kept + quarantined.
+history. Intermediates that several steps read (validated rows, raw examples) are staged as
+compressed Parquet under ``out/_stage`` (adrec.data.staging), not materialised in the object
+store, so neither memory nor spill grows with the log. Every count goes into ``report.json``; rows read = kept + quarantined.
 A new dataset needs a YAML file under conf/data/, not code.
 """
 
@@ -31,6 +33,7 @@ from ray.data.extensions import ArrowTensorArray
 from adrec.data.history import SPLITS, LabelRule, SplitRule, build_examples, latest_history, positive_rows
 from adrec.data.privacy import pseudonym_key, pseudonymize
 from adrec.data.sources import BATCH_ROWS, RAW_LINE, SourceSpec, read_source, read_table
+from adrec.data.staging import stage, staged, staged_rows
 from adrec.data.validate import REASON, Rules, canonicalize, invalid_rows, mark_duplicates, valid_rows
 from adrec.features import FeatureMap, FeatureSpec, Vocabulary, add_history_attributes, stable_hash
 from adrec.runtime import init_ray_from, resolve, write_json
@@ -192,16 +195,36 @@ def sample_numbers(batch: pa.Table, columns: list[str], seed: int) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def merge_counts(ds: ray.data.Dataset) -> dict[str, dict[str, int]]:
-    """Sum the per-block counts of ``count_values`` into {feature: {value: count}}."""
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    if not tables:
+def merge_counts(ds: ray.data.Dataset, chunk: int = 16) -> dict[str, dict[str, int]]:
+    """Sum the per-block counts of ``count_values`` into {feature: {value: count}}.
+
+    Blocks are folded into a running total ``chunk`` at a time, so the driver holds the
+    distinct values once, not every block's copy of them.
+    """
+    total = None
+    for batch in _chunks(ds.iter_internal_ref_bundles(), chunk):
+        tables = [t for t in ray.get([ref for bundle in batch for ref in bundle.block_refs]) if t.num_rows]
+        if total is not None:
+            tables.append(total)
+        if tables:
+            total = pa.concat_tables(tables).group_by(["feature", "value"]).aggregate([("count", "sum")]).rename_columns(["feature", "value", "count"])
+    if total is None:
         return {}
-    total = pa.concat_tables(tables).group_by(["feature", "value"]).aggregate([("count", "sum")])
     out: dict[str, dict[str, int]] = {}
-    for feature, value, count in zip(*(total[c].to_pylist() for c in ("feature", "value", "count_sum"))):
+    for feature, value, count in zip(*(total[c].to_pylist() for c in ("feature", "value", "count"))):
         out.setdefault(feature, {})[value] = count
     return out
+
+
+def _chunks(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def rows_where(batch: pa.Table, column: str, value: str) -> pa.Table:
@@ -235,9 +258,10 @@ def encode_examples(batch: pa.Table, feature_map: FeatureMap, lookups: dict) -> 
 # ---------------------------------------------------------------- steps
 
 
-def validate(cfg, out: Path, columns: dict, key: bytes | None) -> tuple[ray.data.Dataset, dict]:
+def validate(cfg, out: Path, columns: dict, key: bytes | None) -> tuple[Path, dict]:
     """Read and validate the event log; write invalid rows to ``out/quarantine``; count.
 
+    Returns the staged validated rows (valid and invalid, tagged with REASON) and the counts.
     Raises when the quarantined share passes ``data.prepare.max_quarantine_fraction``.
     """
     p = cfg.data.prepare
@@ -246,17 +270,19 @@ def validate(cfg, out: Path, columns: dict, key: bytes | None) -> tuple[ray.data
     needed = list(columns.values()) + list(rules.features)
     tagged = read_source(spec, needed, f"event log at {spec.paths}").map_batches(
         ingest, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"rules": rules, "key": key, "fill_missing": spec.format == "json"}
-    ).materialize()
+    )
+    checked = stage(tagged, out / "_stage" / "tagged", int(p.rows_per_file))
     if "event_id" in columns:
-        partitions = max(2, math.ceil(tagged.count() / p.rows_per_partition))
-        tagged = tagged.repartition(partitions, keys=["event_id"]).map_batches(
-            mark_duplicates, batch_size=None, batch_format="pyarrow"
-        ).materialize()
-    stats = merge_counts(tagged.map_batches(block_stats, batch_size=BATCH_ROWS, batch_format="pyarrow"))
+        partitions = max(2, math.ceil(staged_rows(checked) / p.rows_per_partition))
+        deduped = staged(checked).repartition(partitions, keys=["event_id"]).map_batches(mark_duplicates, batch_size=None, batch_format="pyarrow")
+        checked = stage(deduped, out / "_stage" / "checked", int(p.rows_per_file))
+        shutil.rmtree(out / "_stage" / "tagged")
+    stat_columns = [REASON] + (["ts"] if "ts" in columns else [])
+    stats = merge_counts(staged(checked, stat_columns).map_batches(block_stats, batch_size=BATCH_ROWS, batch_format="pyarrow"))
     by_reason = {k: v for k, v in stats.get(REASON, {}).items() if k is not None}
     summary = {"rows_read": sum(stats.get(REASON, {}).values()), "rows_quarantined": sum(by_reason.values()), "by_reason": by_reason}
     if summary["rows_quarantined"]:
-        tagged.map_batches(invalid_rows, batch_size=BATCH_ROWS, batch_format="pyarrow").write_parquet(str(out / "quarantine"))
+        staged(checked).map_batches(invalid_rows, batch_size=BATCH_ROWS, batch_format="pyarrow").write_parquet(str(out / "quarantine"))
     share = summary["rows_quarantined"] / max(summary["rows_read"], 1)
     if share > p.max_quarantine_fraction or summary["rows_read"] == summary["rows_quarantined"]:
         raise ValueError(
@@ -266,7 +292,7 @@ def validate(cfg, out: Path, columns: dict, key: bytes | None) -> tuple[ray.data
         )
     if "ts_min" in stats:
         summary["ts_min"], summary["ts_max"] = min(map(int, stats["ts_min"])), max(map(int, stats["ts_max"]))
-    return tagged, summary
+    return checked, summary
 
 
 def split_rule(cfg, checked: dict) -> SplitRule:
@@ -306,8 +332,8 @@ def side_table(cfg, table: str, key: bytes | None) -> tuple[pa.Table | None, dic
     return valid_rows(rows), report
 
 
-def labelled_examples(kept, cfg, columns: dict, rule: SplitRule, partitions: int, users, ads) -> ray.data.Dataset:
-    """One raw example per impression or labelled row, with history, split and side attributes."""
+def labelled_examples(kept, cfg, columns: dict, rule: SplitRule, partitions: int, users, ads, path: Path) -> Path:
+    """One raw example per impression or labelled row, with history, split and side attributes, staged at ``path``."""
     kwargs = {"history_length": int(cfg.data.prepare.history_length), "split": rule, "label_rule": label_rule(cfg), "seed": int(cfg.seed)}
     if "user_id" in columns:
         examples = kept.repartition(partitions, keys=["user_id"], sort=True).map_batches(
@@ -320,18 +346,20 @@ def labelled_examples(kept, cfg, columns: dict, rule: SplitRule, partitions: int
     if ads is not None:
         attributes = ads.drop_columns([c for c in ("bid",) if c in ads.column_names])
         examples = examples.join(ray.data.from_arrow(attributes), "left_outer", partitions, on=("ad_id",))
-    return examples.materialize()
+    return stage(examples, path, int(cfg.data.prepare.rows_per_file))
 
 
-def fit_feature_map(examples: ray.data.Dataset, specs: list[FeatureSpec], cfg, metadata: dict) -> FeatureMap:
+def fit_feature_map(examples: Path, specs: list[FeatureSpec], cfg, metadata: dict) -> FeatureMap:
     """Vocabularies and quantile boundaries from the training split (distributed per block, merged here)."""
-    train = examples.map_batches(partial(rows_where, column="split", value="train"), batch_size=BATCH_ROWS, batch_format="pyarrow")
     vocab_columns = sorted({s.vocabulary for s in specs if s.vocabulary and s.kind in ("categorical", "sequence")})
+    numeric = [s.column for s in specs if s.kind == "bucket"]
+    train = staged(examples, ["split", *vocab_columns, *numeric]).map_batches(
+        partial(rows_where, column="split", value="train"), batch_size=BATCH_ROWS, batch_format="pyarrow"
+    )
     counts = merge_counts(train.map_batches(count_values, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"columns": vocab_columns})) if vocab_columns else {}
     options = feature_options(cfg)
     min_count = lambda name: int(options.get(name, {}).get("min_count", cfg.data.prepare.min_count))  # noqa: E731
     vocabularies = {name: Vocabulary.fit(counts.get(name, {}), min_count(name)) for name in vocab_columns}
-    numeric = [s.column for s in specs if s.kind == "bucket"]
     if numeric:
         samples = ray.get(train.map_batches(sample_numbers, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"columns": numeric, "seed": int(cfg.seed)}).to_arrow_refs())
         pooled = pa.concat_tables(samples)
@@ -356,9 +384,9 @@ def history_lookups(ads: pa.Table | None, attributes: list[str]) -> dict[str, tu
     return {a: (ads["ad_id"].combine_chunks(), ads[a].combine_chunks()) for a in attributes}
 
 
-def write_splits(examples: ray.data.Dataset, feature_map: FeatureMap, lookups: dict, out: Path, rows_per_file: int) -> dict:
+def write_splits(examples: Path, feature_map: FeatureMap, lookups: dict, out: Path, rows_per_file: int) -> dict:
     """Encode and write ``out/{train,validation,test}/``; return examples and clicks per split."""
-    encoded = examples.map_batches(
+    encoded = staged(examples).map_batches(
         encode_examples, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map, "lookups": lookups}
     )
     # One streaming pass writes all three splits (hive folders split=train, ...), so the encoded
@@ -371,7 +399,7 @@ def write_splits(examples: ray.data.Dataset, feature_map: FeatureMap, lookups: d
         else:
             (out / split).mkdir()
     shutil.rmtree(out / "_encoded")
-    counts = merge_counts(examples.map_batches(split_stats, batch_size=BATCH_ROWS, batch_format="pyarrow"))
+    counts = merge_counts(staged(examples, ["split", "label"]).map_batches(split_stats, batch_size=BATCH_ROWS, batch_format="pyarrow"))
     return {s: {"examples": counts["examples"].get(s, 0), "clicks": counts["clicks"].get(s, 0)} for s in SPLITS}
 
 
@@ -436,14 +464,14 @@ def run(cfg) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
-    tagged, checked = validate(cfg, out, columns, key)
+    validated, checked = validate(cfg, out, columns, key)
     rule = split_rule(cfg, checked)
     # Blocks of about rows_per_partition events each keep per-task memory flat as the log grows.
     partitions = int(p.num_partitions or max(2, math.ceil(checked["rows_read"] / p.rows_per_partition)))
     users, users_report = side_table(cfg, "users", key)
     ads, ads_report = side_table(cfg, "ads", key)
-    kept = tagged.map_batches(valid_rows, batch_size=BATCH_ROWS, batch_format="pyarrow")
-    examples = labelled_examples(kept, cfg, columns, rule, partitions, users, ads)
+    kept = staged(validated).map_batches(valid_rows, batch_size=BATCH_ROWS, batch_format="pyarrow")
+    examples = labelled_examples(kept, cfg, columns, rule, partitions, users, ads, out / "_stage" / "examples")
     metadata = {
         "dataset": cfg.data.name,
         "split": {"kind": rule.kind, "cutoffs_ms": rule.cutoffs_ms},
@@ -454,6 +482,7 @@ def run(cfg) -> dict:
     lookups = history_lookups(ads, list(p.get("history_attributes") or []))
     splits = write_splits(examples, feature_map, lookups, out, int(p.rows_per_file))
     write_serving_tables(kept, cfg, feature_map, out, partitions, users, ads)
+    shutil.rmtree(out / "_stage")
 
     report = {
         "dataset": cfg.data.name,

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from adrec.data.schema import check_columns
 from adrec.runtime import resolve
@@ -178,6 +182,34 @@ def column_names(spec: SourceSpec) -> list[str] | None:
     return header_names(spec) if spec.format == "csv" else None
 
 
+def read_row_groups(fs: pafs.FileSystem, path: str, columns: list[str] | None) -> Iterator[pa.Table]:
+    """Each row group of one Parquet file, projected to ``columns``."""
+    with fs.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f)
+        for group in range(parquet.num_row_groups):
+            yield parquet.read_row_group(group, columns=columns)
+
+
+class ParquetFiles(Datasource):
+    """Parquet files on any pyarrow filesystem as a Datasource: one read task per file, one
+    block per row group, so a task's memory is bounded by the file's row groups, not the log."""
+
+    def __init__(self, files: list[tuple[pafs.FileSystem, str]], columns: list[str] | None) -> None:
+        super().__init__()
+        self.files = files
+        self.columns = columns
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+        tasks = []
+        for fs, path in self.files:
+            metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,))
+            tasks.append(ReadTask(partial(read_row_groups, fs, path, self.columns), metadata))
+        return tasks
+
+
 def read_source(spec: SourceSpec, required: list[str], what: str) -> ray.data.Dataset:
     """The source as a Dataset; text formats come as all-string columns plus RAW_LINE.
 
@@ -188,7 +220,8 @@ def read_source(spec: SourceSpec, required: list[str], what: str) -> ray.data.Da
     if names is not None:  # JSON lines: an absent key is a null value, checked row by row
         check_columns(names, required, what)
     if spec.format == "parquet":
-        return ray.data.read_parquet(spec.paths)
+        wanted = set(required)  # only the mapped and feature columns are read
+        return ray.data.read_datasource(ParquetFiles(list_files(spec.paths), [n for n in names if n in wanted]))
     lines = ray.data.read_text(spec.paths, encoding=spec.encoding)
     if spec.format == "csv":
         return lines.map_batches(
