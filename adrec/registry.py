@@ -31,6 +31,8 @@ from adrec.models.two_tower import TwoTower
 MANIFEST = "manifest.json"
 FEATURE_MAP = "feature_map.json"
 LATEST = "LATEST"
+OPTIMIZER = "optimizer.pt"
+PROGRESS = "progress.json"
 CHECKPOINT_FORMAT = "adrec.checkpoint/1"
 MODEL_FORMAT = "adrec.model/1"
 
@@ -101,13 +103,25 @@ def model_description(model: TwoTower | DCNRanker) -> dict:
     return {"kind": "dcn", "config": model.config}
 
 
-def save_checkpoint(model: TwoTower | DCNRanker, directory: str | Path, feature_map: str | Path, **fields) -> None:
-    """Write a training checkpoint: weights, constructor args, the feature map it was trained with, a manifest."""
+def save_checkpoint(
+    model: TwoTower | DCNRanker,
+    directory: str | Path,
+    feature_map: str | Path,
+    optimizer_state: dict | None = None,
+    progress: dict | None = None,
+    **fields,
+) -> None:
+    """Write a training checkpoint: weights, constructor args, the feature map it was trained
+    with, optionally the optimizer state and the loop's progress (to resume), and a manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy2(feature_map, directory / FEATURE_MAP)
     save_weights(model, directory / "model.safetensors")
     (directory / "model.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, **model_description(model)}, indent=2))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, directory / OPTIMIZER)  # tensors and numbers only: loads with weights_only=True
+    if progress is not None:
+        (directory / PROGRESS).write_text(json.dumps(progress, indent=2, default=float))
     write_manifest(directory, format=CHECKPOINT_FORMAT, **fields)
 
 
@@ -127,6 +141,16 @@ def load_checkpoint(directory: str | Path) -> TwoTower | DCNRanker:
         raise ArtifactError(f"{directory} holds a model of kind {kind!r}, which this adrec version cannot build")
     model.load_state_dict(load_file(directory / "model.safetensors"))
     return model.eval()
+
+
+def load_training_state(directory: str | Path) -> tuple[dict, dict | None, dict]:
+    """(model state dict, optimizer state or None, progress) of a verified checkpoint, to resume from."""
+    directory = Path(directory)
+    verify_manifest(directory)
+    weights = load_file(directory / "model.safetensors")
+    optimizer = torch.load(directory / OPTIMIZER, weights_only=True) if (directory / OPTIMIZER).is_file() else None
+    progress = json.loads((directory / PROGRESS).read_text()) if (directory / PROGRESS).is_file() else {}
+    return weights, optimizer, progress
 
 
 def check_same_features(checkpoint: str | Path, prepared_dir: str | Path) -> None:

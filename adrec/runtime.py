@@ -14,7 +14,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     """Connect to Ray: an embedded local instance by default, a cluster when ``address`` is set.
 
     Under ``ray job submit`` the job's environment names the cluster, so ``address=None``
-    joins it instead of starting a new one. ``object_store_mb`` caps an embedded instance's
+    joins it instead of starting a new one; ``address="auto"`` joins a local ``ray start`` cluster. ``object_store_mb`` caps an embedded instance's
     object store (Ray spills to local disk beyond it); a cluster keeps its own setting.
     """
     if ray.is_initialized():
@@ -23,7 +23,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     embedded = address is None and "RAY_ADDRESS" not in os.environ
     store_bytes = int(object_store_mb) * 2**20 if object_store_mb and embedded else None
-    ray.init(address=address, num_cpus=num_cpus, object_store_memory=store_bytes)
+    # "local" always starts the embedded instance: without it, ray.init() would join whatever
+    # cluster a past `ray start` on this machine recorded, even a dead one. ray.address=auto joins it.
+    ray.init(address="local" if embedded else address, num_cpus=num_cpus, object_store_memory=store_bytes)
     # Our pipelines are many and short: one progress line per stage beats Ray Data's per-pipeline logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
 

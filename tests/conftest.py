@@ -46,7 +46,7 @@ def compose_config(run_dir: Path, *overrides: str):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a cluster some `ray start` left behind
     yield
     ray.shutdown()
 

@@ -45,3 +45,12 @@ def test_selection_trains_each_encoder_and_marks_the_best_on_validation(tiny_run
     chosen = read_json(Path(cfg.paths.train_dir) / "result.json")
     assert chosen["selected_encoder"] == selection["winner"]
     assert load_checkpoint(chosen["best_checkpoint"]).user_tower.config["encoder"]["kind"] == selection["winner"]
+
+
+def test_sparse_id_tables_train_data_parallel(tiny_run, tmp_path):
+    # Two workers: DDP exchanges the touched rows of each sparse table; SparseAdam updates them.
+    cfg = compose_config(tmp_path, f"paths.prepared_dir={tiny_run['cfg'].paths.prepared_dir}", "model.sparse_embeddings=true", "trainer.epochs=2")
+    result = driver.run(cfg)
+    assert result["workers"] == 2 and result["best"]["val_auc"] > 0.6, result["best"]
+    model = load_checkpoint(result["best_checkpoint"])
+    assert model.user_tower.config["sparse"] and model.user_tower.embeddings["user_id"].sparse

@@ -39,6 +39,8 @@ class EmbeddingMLPTower(nn.Module):
         OOV row learns what "unknown" means: a new user or ad, a missing attribute or context.
     normalize, temperature: the output is L2-normalised when ``normalize`` and divided by
         sqrt(temperature), so a dot product of two towers' outputs is cos / temperature.
+    sparse: id tables produce sparse gradients (only the rows a batch touched), for tables too
+        big to update densely; train them with ``adrec.train.optim.build_optimizer``.
     Output: (B, output_dim).
     """
 
@@ -56,6 +58,7 @@ class EmbeddingMLPTower(nn.Module):
         max_len: int = 0,
         normalize: bool = False,
         temperature: float = 1.0,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         behaviour = dict(behaviour or {})
@@ -74,13 +77,14 @@ class EmbeddingMLPTower(nn.Module):
             "max_len": max_len,
             "normalize": normalize,
             "temperature": temperature,
+            "sparse": sparse,
         }
-        self.embeddings = nn.ModuleDict({name: nn.Embedding(card, embedding_dim) for name, card in categorical.items()})
+        self.embeddings = nn.ModuleDict({name: nn.Embedding(card, embedding_dim, sparse=sparse) for name, card in categorical.items()})
         # EmbeddingBag with padding_idx leaves PAD out of the mean; an empty sequence pools to zeros.
         self.pools = nn.ModuleDict(
-            {name: nn.EmbeddingBag(card, embedding_dim, mode="mean", padding_idx=PAD) for name, card in sequences.items()}
+            {name: nn.EmbeddingBag(card, embedding_dim, mode="mean", padding_idx=PAD, sparse=sparse) for name, card in sequences.items()}
         )
-        self.behaviour = nn.ModuleDict({name: nn.Embedding(card, embedding_dim, padding_idx=PAD) for name, card in behaviour.items()})
+        self.behaviour = nn.ModuleDict({name: nn.Embedding(card, embedding_dim, padding_idx=PAD, sparse=sparse) for name, card in behaviour.items()})
         self.sequence_encoder = build_sequence_encoder(dim=embedding_dim, max_len=max_len, **encoder) if behaviour else None
         self.dense = list(dense or [])
         width = embedding_dim * (len(categorical) + len(sequences) + bool(behaviour)) + len(self.dense)

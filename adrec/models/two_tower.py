@@ -53,6 +53,7 @@ def build_two_tower(
     normalize: bool = False,
     temperature: float = 1.0,
     drop_features: list[str] | None = None,
+    sparse_embeddings: bool = False,
 ) -> TwoTower:
     """Size both towers from ``feature_map``: user + context features on one side, ad features on the other.
 
@@ -60,6 +61,7 @@ def build_two_tower(
     normalize, temperature: U . V becomes cos(U, V) / temperature (see EmbeddingMLPTower).
     drop_features: features the towers leave out, e.g. [user_id] so that users are known only by
         their history and profile (no per-user table to memorise; new users are no different).
+    sparse_embeddings: id tables get sparse, row-wise gradients (see EmbeddingMLPTower).
     """
     dropped = set(drop_features or [])
     unknown = dropped - {f.name for f in feature_map.features}
@@ -91,6 +93,7 @@ def build_two_tower(
             max_len=max((feature_map.spec(n).max_len for n in behaviour), default=0),
             normalize=normalize,
             temperature=temperature,
+            sparse=sparse_embeddings,
         )
 
     encoder = dict(user_encoder or {"kind": "mlp"})

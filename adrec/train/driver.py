@@ -1,71 +1,179 @@
-"""Ray Train driver: prepared shards -> TorchTrainer -> best checkpoint and ``result.json``."""
+"""Ray Train driver: prepared shards -> TorchTrainer -> best checkpoint and ``result.json``.
+
+Scaling: ``trainer.num_workers`` data-parallel workers (DDP), each reading its own stream of
+the Parquet shards, on CPUs or GPUs (``trainer.use_gpu``). ``trainer.batch_size`` is per worker,
+so the global batch is batch_size * num_workers, and the learning rate is scaled to match by
+``trainer.lr_scaling`` (sqrt for Adam, linear for SGD).
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.fs
+import pyarrow.parquet as pq
 import ray.data
 from omegaconf import OmegaConf
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from adrec.data.sources import ParquetFiles, list_files
 from adrec.features import FeatureMap
+from adrec.registry import check_same_features, verify_manifest
 from adrec.runtime import init_ray_from, require, resolve, write_json
 from adrec.train.loop import train_loop_per_worker
+
+READ_CPUS = 0.5  # per read task: decoding Parquet leaves half a core for the training math
+LR_SCALING = {"none": lambda n: 1.0, "linear": float, "sqrt": math.sqrt}
+
 
 def model_columns(feature_map: FeatureMap) -> list[str]:
     """The example columns the two-tower model reads, plus the label."""
     return [f.name for f in feature_map.features] + ["label"]
 
 
-def run(cfg) -> dict:
-    """Train on ``prepared_dir``; return the best epoch's metrics and checkpoint path."""
-    init_ray_from(cfg)
-    prepared = Path(resolve(cfg.paths.prepared_dir))
-    feature_map_path = require(prepared / "feature_map.json", "jobs/prepare.py")
-    columns = model_columns(FeatureMap.load(feature_map_path))
-    datasets = {split: ray.data.read_parquet(str(prepared / split)).select_columns(columns) for split in ("train", "validation")}
+def scaled_lr(lr: float, rule: str, num_workers: int) -> float:
+    """The learning rate for a global batch num_workers times the per-worker one."""
+    if rule not in LR_SCALING:
+        raise ValueError(f"trainer.lr_scaling={rule!r}: use one of {sorted(LR_SCALING)}")
+    return lr * LR_SCALING[rule](num_workers)
+
+
+def scaling_config(t) -> ScalingConfig:
+    resources = {"CPU": float(t.cpus_per_worker)}
+    if t.use_gpu:
+        resources["GPU"] = float(t.gpus_per_worker)
+    return ScalingConfig(
+        num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu), resources_per_worker=resources, placement_strategy=str(t.placement_strategy)
+    )
+
+
+def warm_start(path: str | None, prepared: Path) -> str | None:
+    """``trainer.resume_from`` checked: an intact checkpoint trained on this feature map."""
+    if not path:
+        return None
+    directory = Path(resolve(path))
+    if not directory.is_dir():
+        raise FileNotFoundError(f"trainer.resume_from={path}: no such checkpoint directory")
+    verify_manifest(directory)  # a corrupt or tampered checkpoint stops here, before any worker starts
+    check_same_features(directory, prepared)
+    return str(directory)
+
+
+def loop_config(cfg, prepared: Path, feature_map_path: Path, run_name: str) -> dict:
+    """The workers' config: a plain dict with absolute paths (workers chdir into their run folder)."""
     t = cfg.trainer
-    loop_config = {
+    train_dir = Path(resolve(cfg.paths.train_dir))
+    return {
         "seed": int(cfg.seed),
         "feature_map": str(feature_map_path),
         "catalog": str(prepared / "ads.parquet") if (prepared / "ads.parquet").exists() else None,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "batch_size": int(t.batch_size),
         "epochs": int(t.epochs),
-        "lr": float(t.lr),
+        "lr": scaled_lr(float(t.lr), str(t.lr_scaling), int(t.num_workers)),
         "weight_decay": float(t.weight_decay),
         "shuffle_buffer": int(t.shuffle_buffer),
+        "prefetch_batches": int(t.prefetch_batches),
+        "columns": model_columns(FeatureMap.load(feature_map_path)),
+        "validation_files": sorted(str(f) for f in (prepared / "validation").rglob("*.parquet")),
+        # An epoch of the single stream: this worker's equal share of the training split.
+        "epoch_rows": split_rows(prepared / "train") // int(t.num_workers) if t.stream_epochs else None,
+        "precision": str(t.precision),
+        "torch_threads": int(t.torch_threads) if t.torch_threads else None,
+        "select_metric": str(t.select_metric),
+        "checkpoint_every_steps": int(t.checkpoint_every_steps or 0),
+        "resume_from": warm_start(t.resume_from, prepared),
+        "log_every_steps": int(t.log_every_steps or 0),
+        "tensorboard_dir": resolve(t.tensorboard_dir) if t.tensorboard_dir else None,
+        "mlflow": OmegaConf.to_container(t.mlflow, resolve=True) if t.get("mlflow") else None,
+        "fail_at_step": int(t.fail_at_step) if t.fail_at_step else None,
+        "fault_marker": str(train_dir / f"fault_injected-{run_name}") if t.fail_at_step else None,
     }
+
+
+def epoch_files(split: Path, epochs: int, seed: int) -> list[tuple[pyarrow.fs.FileSystem, str]]:
+    """The split's files once per epoch, each epoch in its own shuffled order: one stream's input."""
+    files = list_files([str(split)])
+    rng = np.random.default_rng(seed)
+    return [files[i] for _ in range(epochs) for i in rng.permutation(len(files))]
+
+
+def split_rows(path: Path) -> int:
+    """Rows of a prepared split, from its Parquet footers."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in path.rglob("*.parquet"))
+
+
+def local_checkpoint(checkpoint: ray.train.Checkpoint, train_dir: Path) -> str:
+    """A local directory holding ``checkpoint``: itself on local storage, else a download."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory(str(train_dir / "best_checkpoint"))
+
+
+def training_datasets(prepared: Path, columns: list[str], stream_epochs: int, seed: int) -> dict[str, ray.data.Dataset]:
+    """A lazy read of the training split: each worker streams its share, so a split larger than
+    the object store trains without being held in it. (Workers read validation themselves.)
+
+    ``stream_epochs`` > 0: the training split's files once per epoch, as one stream, so the
+    pipeline starts once per run rather than once per epoch.
+    """
+    datasets = {"train": ray.data.read_parquet(str(prepared / "train"), num_cpus=READ_CPUS).select_columns(columns)}
+    if stream_epochs:
+        files = epoch_files(prepared / "train", stream_epochs, seed)
+        # One read task at a time, so the stream leaves CPU to the workers' math.
+        # ParquetFiles reads a file as often as it is listed; Ray's reader would read it once.
+        datasets["train"] = ray.data.read_datasource(ParquetFiles(files, columns), num_cpus=READ_CPUS, concurrency=1)
+    return datasets
+
+
+def run(cfg) -> dict:
+    """Train on ``prepared_dir``; return the best epoch's metrics and checkpoint path."""
+    init_ray_from(cfg)
+    prepared = Path(resolve(cfg.paths.prepared_dir))
+    train_dir = Path(resolve(cfg.paths.train_dir))
+    feature_map_path = require(prepared / "feature_map.json", "jobs/prepare.py")
+    columns = model_columns(FeatureMap.load(feature_map_path))
+    t = cfg.trainer
+    datasets = training_datasets(prepared, columns, int(t.epochs) if t.stream_epochs else 0, int(cfg.seed))
+    # A fresh name per run unless given: Ray Train resumes a run whose name and storage it has seen.
+    name = t.run_name or f"{t.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = loop_config(cfg, prepared, feature_map_path, name)
     score, order = str(t.select_metric), str(t.select_mode)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu), resources_per_worker={"CPU": float(t.cpus_per_worker)}
-        ),
+        train_loop_config=config,
+        scaling_config=scaling_config(t),
         run_config=RunConfig(
-            # A fresh name per run: Ray Train resumes a run whose name and storage path it has seen.
-            name=f"{t.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=name,
             storage_path=resolve(t.storage_path),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=int(t.keep_checkpoints), checkpoint_score_attribute=score, checkpoint_score_order=order
             ),
+            failure_config=FailureConfig(max_failures=int(t.max_failures)),
         ),
         datasets=datasets,
     )
     started = time.time()
     result = trainer.fit()
-    best = result.get_best_checkpoint(score, order)
-    best_metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+    # Mid-epoch checkpoints carry a NaN score: only epoch ends compete for best.
+    scored = [(c, m) for c, m in result.best_checkpoints if math.isfinite(float(m.get(score, math.nan)))]
+    if not scored:
+        raise RuntimeError(f"training reported no {score}: is trainer.select_metric one of val_auc, val_loss, val_logloss?")
+    best, best_metrics = (max if order == "max" else min)(scored, key=lambda cm: cm[1][score])
     summary = {
-        "best_checkpoint": best.path,
+        "best_checkpoint": local_checkpoint(best, train_dir),
         "best": best_metrics,
         # Every epoch's metrics, as the loop returned them (metrics_dataframe keeps only retained checkpoints).
         "epochs": result.return_value["epochs"],
         "run_path": result.path,
         "seconds": round(time.time() - started, 1),
+        "workers": int(t.num_workers),
+        "global_batch_size": int(t.batch_size) * int(t.num_workers),
+        "lr": config["lr"],
     }
-    write_json(Path(resolve(cfg.paths.train_dir)) / "result.json", summary)
+    write_json(train_dir / "result.json", summary)
     return summary

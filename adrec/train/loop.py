@@ -1,13 +1,24 @@
-"""The Ray Train worker loop: pure steps, one report (metrics + checkpoint) per epoch.
+"""The Ray Train worker loop: pure steps; a report with a checkpoint after each epoch and
+every ``checkpoint_every_steps`` steps.
 
 The loss is ``model.loss`` (adrec.train.losses): BCE on impressions, the in-batch softmax of
 the two towers, or a weighted sum of both.
+
+Resuming: after a worker dies, Ray Train restarts the group (``trainer.max_failures``) and
+``ray.train.get_checkpoint()`` returns the latest checkpoint; weights, optimizer state and
+progress come back from it. Data is not checkpointed, so an epoch interrupted mid-way replays
+from its start (its examples are seen at least once). ``resume_from`` warm-starts the weights
+of a new run instead (fresh optimizer, epoch 1).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,8 +32,12 @@ from adrec.eval.metrics import auc, logloss
 from adrec.features import FeatureMap
 from adrec.inference import to_features
 from adrec.models import build_model
-from adrec.registry import save_checkpoint
+from adrec.registry import load_training_state, save_checkpoint
 from adrec.train.losses import LossConfig, candidate_log_q, in_batch_softmax
+from adrec.train.monitor import EpochLog
+from adrec.train.optim import SparseDenseAdam, build_optimizer
+
+log = logging.getLogger(__name__)
 
 
 class Objective:
@@ -74,9 +89,10 @@ class Objective:
         return loss.softmax_weight * softmax + loss.bce_weight * bce, logits
 
 
-def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, objective: Objective) -> float:
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: SparseDenseAdam, objective: Objective, autocast) -> float:
     """One optimizer step on a batch of examples (label: clicked = 1); returns the loss."""
-    loss, _ = objective(model, batch)
+    with autocast():
+        loss, _ = objective(model, batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -84,7 +100,7 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
 
 
 @torch.no_grad()
-def validate(model: nn.Module, batches, objective: Objective) -> tuple[np.ndarray, np.ndarray, float]:
+def validate(model: nn.Module, batches, objective: Objective, autocast=contextlib.nullcontext) -> tuple[np.ndarray, np.ndarray, float]:
     """One pass over ``batches``: pCTR (N,), labels (N,) and the mean training objective.
 
     The objective at the training batch size stays comparable across epochs, and is the
@@ -93,15 +109,30 @@ def validate(model: nn.Module, batches, objective: Objective) -> tuple[np.ndarra
     model.eval()
     probs, labels, total = [], [], 0.0
     for batch in batches:
-        loss, logits = objective(model, batch)
+        with autocast():
+            loss, logits = objective(model, batch)
         total += float(loss) * len(batch["label"])
-        probs.append(torch.sigmoid(logits).cpu().numpy())
+        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
         labels.append(batch["label"].cpu().numpy())
     model.train()
     if not probs:
         return np.empty(0, np.float32), np.empty(0, np.float32), float("nan")
     probs, labels = np.concatenate(probs), np.concatenate(labels)
     return probs, labels, total / len(labels)
+
+
+def parquet_batches(files: list[str], columns: list[str], batch_size: int, rank: int, world: int, device: torch.device):
+    """Batches of this worker's share (every world-th row group) of Parquet ``files``, as tensors.
+
+    Validation reads its split directly rather than through Ray Data: the training stream
+    stays open across epochs, and a second Ray Data pipeline could wait forever for a CPU
+    beside it on a small cluster. Memory is bounded by one row group.
+    """
+    groups = [(path, group) for path in files for group in range(pq.ParquetFile(path).num_row_groups)]
+    for path, group in groups[rank::world]:
+        table = pq.ParquetFile(path).read_row_group(group, columns=columns)
+        for start in range(0, table.num_rows, batch_size):
+            yield {k: v.to(device) for k, v in to_features(table.slice(start, batch_size), columns).items()}
 
 
 def _gather(array: np.ndarray) -> np.ndarray:
@@ -113,51 +144,182 @@ def _gather(array: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def train_loop_per_worker(config: dict) -> dict:
-    """Train the two-tower model on this worker's shard of ``train``; validate on ``validation``.
+def autocast_for(precision: str, device: torch.device):
+    """A context-manager factory: bf16 autocast (``precision`` bf16, or auto on a GPU) or nothing."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"trainer.precision={precision!r}: use auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
-    ``config`` is a plain dict (paths already absolute): seed, feature_map, catalog (ads.parquet
-    or None), model (a Hydra ``_target_`` dict with a ``loss`` section), batch_size, epochs, lr,
-    weight_decay, shuffle_buffer.
+
+def restore(model: nn.Module, optimizer: SparseDenseAdam, config: dict) -> dict:
+    """Load what this run resumes from; return its progress ({} for a fresh start).
+
+    A checkpoint of this run (after a worker failure) restores weights, optimizer and progress;
+    ``resume_from`` restores weights only. Either is verified against its checksums first.
     """
-    torch.manual_seed(config["seed"])
-    context = ray.train.get_context()
-    feature_map = FeatureMap.load(config["feature_map"])
-    model, loss_options = build_model(config["model"], feature_map)
-    loss = LossConfig.from_dict(loss_options)
-    model = ray.train.torch.prepare_model(model)
-    bare = getattr(model, "module", model)  # DDP wraps only when world size > 1
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    device = ray.train.torch.get_device()
-    objective = Objective(loss, feature_map, config.get("catalog"), device)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            weights, optimizer_state, progress = load_training_state(directory)
+        model.load_state_dict(weights)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        log.info("resumed from %s at epoch %s step %s", checkpoint.path, progress.get("epoch"), progress.get("step"))
+        return progress
+    if config.get("resume_from"):
+        weights, _, _ = load_training_state(config["resume_from"])
+        model.load_state_dict(weights)
+        log.info("warm-started from %s", config["resume_from"])
+    return {}
 
-    history: list[dict] = []
-    for epoch in range(config["epochs"]):
-        started, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        for batch in train_shard.iter_torch_batches(
-            batch_size=config["batch_size"], local_shuffle_buffer_size=config["shuffle_buffer"], device=device
-        ):
-            loss_sum += train_step(model, batch, optimizer, objective)
-            seen += len(batch["label"])
-            steps += 1
-        seconds = time.perf_counter() - started
-        probs, labels, val_loss = validate(model, val_shard.iter_torch_batches(batch_size=config["batch_size"], device=device), objective)
-        probs, labels = _gather(probs), _gather(labels)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(steps, 1),
-            "val_loss": float(np.mean(_gather(np.array([val_loss])))),
-            "val_auc": auc(labels, probs),
-            "val_logloss": logloss(labels, probs),
-            "samples_per_s": seen * context.get_world_size() / max(seconds, 1e-9),
+
+def maybe_inject_fault(step: int, config: dict) -> None:
+    """Kill this worker process once at global step ``fail_at_step`` (fault-injection tests)."""
+    marker = config.get("fault_marker")
+    if config.get("fail_at_step") != step or ray.train.get_context().get_world_rank() != 0 or not marker:
+        return
+    if Path(marker).exists():  # injected in an earlier attempt: the restarted run goes on
+        return
+    Path(marker).write_text(f"worker killed at step {step}\n")
+    os._exit(1)  # no cleanup, no exception: to Ray this is a dead worker
+
+
+class Run:
+    """One worker's training state: the model, optimizer, data shards and progress counters."""
+
+    def __init__(self, config: dict) -> None:
+        torch.manual_seed(config["seed"])
+        if config.get("torch_threads"):
+            torch.set_num_threads(int(config["torch_threads"]))
+        self.config = config
+        self.context = ray.train.get_context()
+        self.feature_map = FeatureMap.load(config["feature_map"])
+        model, loss_options = build_model(config["model"], self.feature_map)
+        self.device = ray.train.torch.get_device()
+        self.autocast = autocast_for(config.get("precision", "auto"), self.device)
+        self.model = ray.train.torch.prepare_model(model)
+        self.bare = getattr(self.model, "module", self.model)  # DDP wraps only when world size > 1
+        self.optimizer = build_optimizer(self.model, config["lr"], config["weight_decay"])
+        self.objective = Objective(LossConfig.from_dict(loss_options), self.feature_map, config.get("catalog"), self.device)
+        progress = restore(self.bare, self.optimizer, config)
+        self.epoch = int(progress.get("epoch", 0))  # completed epochs
+        self.step = int(progress.get("epoch_start_step", progress.get("step", 0)))  # the replayed epoch restarts its count
+        self.history: list[dict] = list(progress.get("history", []))
+        self.epoch_start_step = self.step
+        self.monitor = EpochLog(config, rank=self.context.get_world_rank())
+        self.stream, self.streamed, self.stream_epochs = None, 0, 0  # the run's single training stream
+
+    def batches(self, split: str, shuffle: bool):
+        shard = ray.train.get_dataset_shard(split)
+        return shard.iter_torch_batches(
+            batch_size=self.config["batch_size"],
+            local_shuffle_buffer_size=self.config["shuffle_buffer"] if shuffle else None,
+            prefetch_batches=int(self.config.get("prefetch_batches", 2)),
+            device=self.device,
+        )
+
+    def train_batches(self):
+        """This epoch's training batches.
+
+        With ``epoch_rows`` the driver passed the training split's files once per epoch, and
+        the run reads them as one stream: an epoch is the next ``epoch_rows`` samples of it, so
+        the data pipeline starts once per run instead of once per epoch (seconds each here).
+        Blocks may arrive slightly out of order, so epochs can blend at their edges.
+        """
+        rows = self.config.get("epoch_rows")
+        if not rows:
+            yield from self.batches("train", shuffle=True)
+            return
+        if self.stream is None:
+            self.stream = iter(self.batches("train", shuffle=True))
+        target = (self.stream_epochs + 1) * rows
+        self.stream_epochs += 1
+        for batch in self.stream:
+            yield batch
+            self.streamed += len(batch["label"])
+            if self.streamed >= target:
+                return
+
+    def report(self, metrics: dict, in_epoch: bool) -> None:
+        """Report metrics with a checkpoint (written by rank 0) that holds everything to resume."""
+        progress = {
+            "epoch": self.epoch,
+            "step": self.step,
+            # A mid-epoch checkpoint resumes at the start of its epoch (data is not checkpointed).
+            "epoch_start_step": self.epoch_start_step if in_epoch else self.step,
+            "history": self.history,
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if context.get_world_rank() == 0:
-                save_checkpoint(bare, tmp, config["feature_map"], epoch=epoch + 1, metrics=metrics)
+            if self.context.get_world_rank() == 0:
+                save_checkpoint(
+                    self.bare, tmp, self.config["feature_map"], optimizer_state=self.optimizer.state_dict(),
+                    progress=progress, epoch=metrics["epoch"], step=self.step, metrics=metrics,
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-        history.append(metrics)
-    return {"epochs": history}
+
+    def train_epoch(self) -> dict:
+        config, every = self.config, int(self.config.get("checkpoint_every_steps") or 0)
+        started, seen, loss_sum, steps, first_batch = time.perf_counter(), 0, 0.0, 0, None
+        self.epoch_start_step = self.step
+        for batch in self.train_batches():
+            first_batch = first_batch or time.perf_counter() - started
+            loss_sum += train_step(self.model, batch, self.optimizer, self.objective, self.autocast)
+            seen += len(batch["label"])
+            steps += 1
+            self.step += 1
+            maybe_inject_fault(self.step, config)
+            self.monitor.step(self.epoch + 1, self.step, loss_sum / steps, seen * self.context.get_world_size(), started)
+            if every and self.step % every == 0:
+                # No validation mid-epoch: the score is NaN, so best-k keeps epoch ends (Ray keeps the latest too).
+                self.report({"epoch": self.epoch + 1, "step": self.step, "train_loss": loss_sum / steps, config["select_metric"]: float("nan")}, in_epoch=True)
+        seconds = time.perf_counter() - started
+        return {
+            "train_loss": loss_sum / max(steps, 1),
+            "samples_per_s": seen * self.context.get_world_size() / max(seconds, 1e-9),
+            "steps": steps,
+            "train_seconds": seconds,
+            "first_batch_seconds": first_batch or seconds,  # the data pipeline's start-up within the epoch
+        }
+
+    def validate_epoch(self) -> dict:
+        started = time.perf_counter()
+        batches = parquet_batches(
+            self.config["validation_files"], self.config["columns"], self.config["batch_size"],
+            self.context.get_world_rank(), self.context.get_world_size(), self.device,
+        )
+        probs, labels, val_loss = validate(self.model, batches, self.objective, self.autocast)
+        losses = _gather(np.array([val_loss * len(labels) if len(labels) else 0.0]))
+        probs, labels = _gather(probs), _gather(labels)
+        return {
+            "val_loss": float(losses.sum() / max(len(labels), 1)),
+            "val_auc": auc(labels, probs),
+            "val_logloss": logloss(labels, probs),
+            "validate_seconds": time.perf_counter() - started,
+        }
+
+    def fit(self) -> dict:
+        while self.epoch < self.config["epochs"]:
+            trained = self.train_epoch()
+            self.epoch += 1
+            metrics = {"epoch": self.epoch, "step": self.step, **trained, **self.validate_epoch()}
+            self.history.append(metrics)
+            self.monitor.epoch(metrics)
+            self.report(metrics, in_epoch=False)
+        self.monitor.close()
+        return {"epochs": self.history}
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Train the configured model on this worker's shard of ``train``; validate on ``validation``.
+
+    ``config`` is a plain dict (paths already absolute): seed, feature_map, catalog (ads.parquet
+    or None), model (a Hydra ``_target_`` dict with a ``loss`` section), batch_size, epochs, lr,
+    weight_decay, shuffle_buffer, prefetch_batches, epoch_rows, validation_files, columns, torch_threads, precision, select_metric,
+    checkpoint_every_steps, resume_from, fail_at_step + fault_marker (tests), tensorboard_dir,
+    mlflow (a dict or None), log_every_steps.
+    """
+    return Run(config).fit()
