@@ -75,7 +75,10 @@ class PeakMemory:
 
 def spilled_mib() -> int:
     """MiB spilled from the object store since Ray started (the raylet's running total)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    found = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+    # This process's instance by address: other Ray instances may run on the machine.
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    found = re.search(r"Spilled (\d+) MiB", summary)
     return int(found.group(1)) if found else 0
