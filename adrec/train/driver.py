@@ -80,8 +80,9 @@ def loop_config(cfg, prepared: Path, feature_map_path: Path, run_name: str) -> d
         "prefetch_batches": int(t.prefetch_batches),
         "columns": model_columns(FeatureMap.load(feature_map_path)),
         "validation_files": sorted(str(f) for f in (prepared / "validation").rglob("*.parquet")),
-        # An epoch of the single stream: this worker's equal share of the training split.
-        "epoch_rows": split_rows(prepared / "train") // int(t.num_workers) if t.stream_epochs else None,
+        # An epoch: this worker's equal share of the training split.
+        "epoch_rows": split_rows(prepared / "train") // int(t.num_workers),
+        "stream_epochs": bool(t.stream_epochs),
         "precision": str(t.precision),
         "torch_threads": int(t.torch_threads) if t.torch_threads else None,
         "select_metric": str(t.select_metric),

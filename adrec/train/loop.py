@@ -6,9 +6,11 @@ the two towers, or a weighted sum of both.
 
 Resuming: after a worker dies, Ray Train restarts the group (``trainer.max_failures``) and
 ``ray.train.get_checkpoint()`` returns the latest checkpoint; weights, optimizer state and
-progress come back from it. Data is not checkpointed, so an epoch interrupted mid-way replays
-from its start (its examples are seen at least once). ``resume_from`` warm-starts the weights
-of a new run instead (fresh optimizer, epoch 1).
+progress come back from it, and the restarted (seeded) stream skips the samples the run had
+already trained on, so an epoch interrupted mid-way finishes with the samples it still owed. The
+skip is exact with one worker; with several, Ray Data's split assigns blocks to workers
+dynamically, so the skipped samples are the right number but not always the same ones. ``resume_from`` warm-starts the weights of a new run
+instead (fresh optimizer, epoch 1).
 """
 
 from __future__ import annotations
@@ -205,50 +207,66 @@ class Run:
         self.objective = Objective(LossConfig.from_dict(loss_options), self.feature_map, config.get("catalog"), self.device)
         progress = restore(self.bare, self.optimizer, config)
         self.epoch = int(progress.get("epoch", 0))  # completed epochs
-        self.step = int(progress.get("epoch_start_step", progress.get("step", 0)))  # the replayed epoch restarts its count
+        self.step = int(progress.get("step", 0))
+        # Samples this worker had trained on in the epoch a mid-epoch checkpoint interrupted.
+        self.epoch_samples = int(progress.get("epoch_samples", 0))
         self.history: list[dict] = list(progress.get("history", []))
-        self.epoch_start_step = self.step
         self.monitor = EpochLog(config, rank=self.context.get_world_rank())
-        self.stream, self.streamed, self.stream_epochs = None, 0, 0  # the run's single training stream
+        self.stream = None  # the run's single training stream (trainer.stream_epochs)
+        self.streamed = 0  # samples it has delivered
+        # Samples the interrupted run had already taken from its stream (or its epoch's pass):
+        # a restarted, seeded stream skips them, so training resumes where it stopped.
+        self.skip = int(progress.get("stream_samples", self.epoch_samples))
 
     def batches(self, split: str, shuffle: bool):
         shard = ray.train.get_dataset_shard(split)
         return shard.iter_torch_batches(
             batch_size=self.config["batch_size"],
             local_shuffle_buffer_size=self.config["shuffle_buffer"] if shuffle else None,
+            local_shuffle_seed=self.config["seed"] + self.context.get_world_rank() if shuffle else None,
             prefetch_batches=int(self.config.get("prefetch_batches", 2)),
             device=self.device,
         )
 
     def train_batches(self):
-        """This epoch's training batches.
+        """This epoch's training batches: ``epoch_rows`` samples, less those an interrupted
+        epoch had already trained on (so a resumed run takes as many steps as an uninterrupted one).
 
-        With ``epoch_rows`` the driver passed the training split's files once per epoch, and
-        the run reads them as one stream: an epoch is the next ``epoch_rows`` samples of it, so
+        With ``stream_epochs`` the driver passed the training split's files once per epoch, and
+        the run reads them as one stream, of which an epoch is the next ``epoch_rows`` samples:
         the data pipeline starts once per run instead of once per epoch (seconds each here).
         Blocks may arrive slightly out of order, so epochs can blend at their edges.
         """
-        rows = self.config.get("epoch_rows")
-        if not rows:
-            yield from self.batches("train", shuffle=True)
-            return
-        if self.stream is None:
-            self.stream = iter(self.batches("train", shuffle=True))
-        target = (self.stream_epochs + 1) * rows
-        self.stream_epochs += 1
-        for batch in self.stream:
+        budget = self.config["epoch_rows"] - self.epoch_samples
+        if self.config.get("stream_epochs"):
+            self.stream = self.stream or self.skipped(iter(self.batches("train", shuffle=True)))
+            source = self.stream
+        else:
+            source = self.skipped(iter(self.batches("train", shuffle=True)))
+        seen = 0
+        for batch in source:
             yield batch
+            seen += len(batch["label"])
             self.streamed += len(batch["label"])
-            if self.streamed >= target:
+            if seen >= budget:
                 return
+
+    def skipped(self, batches):
+        """``batches`` after the first ``self.skip`` samples (once, after a restart)."""
+        dropped, self.streamed = 0, self.skip
+        while dropped < self.skip:
+            dropped += len(next(batches)["label"])
+        self.skip = 0
+        return batches
 
     def report(self, metrics: dict, in_epoch: bool) -> None:
         """Report metrics with a checkpoint (written by rank 0) that holds everything to resume."""
         progress = {
             "epoch": self.epoch,
             "step": self.step,
-            # A mid-epoch checkpoint resumes at the start of its epoch (data is not checkpointed).
-            "epoch_start_step": self.epoch_start_step if in_epoch else self.step,
+            # A mid-epoch checkpoint resumes its epoch with the samples still due (data is not checkpointed).
+            "epoch_samples": self.epoch_samples if in_epoch else 0,
+            "stream_samples": self.streamed if self.config.get("stream_epochs") else (self.epoch_samples if in_epoch else 0),
             "history": self.history,
         }
         with tempfile.TemporaryDirectory() as tmp:
@@ -264,11 +282,11 @@ class Run:
     def train_epoch(self) -> dict:
         config, every = self.config, int(self.config.get("checkpoint_every_steps") or 0)
         started, seen, loss_sum, steps, first_batch = time.perf_counter(), 0, 0.0, 0, None
-        self.epoch_start_step = self.step
         for batch in self.train_batches():
             first_batch = first_batch or time.perf_counter() - started
             loss_sum += train_step(self.model, batch, self.optimizer, self.objective, self.autocast)
             seen += len(batch["label"])
+            self.epoch_samples += len(batch["label"])
             steps += 1
             self.step += 1
             maybe_inject_fault(self.step, config)
@@ -277,6 +295,7 @@ class Run:
                 # No validation mid-epoch: the score is NaN, so best-k keeps epoch ends (Ray keeps the latest too).
                 self.report({"epoch": self.epoch + 1, "step": self.step, "train_loss": loss_sum / steps, config["select_metric"]: float("nan")}, in_epoch=True)
         seconds = time.perf_counter() - started
+        self.epoch_samples = 0
         return {
             "train_loss": loss_sum / max(steps, 1),
             "samples_per_s": seen * self.context.get_world_size() / max(seconds, 1e-9),
