@@ -6,12 +6,9 @@ to TensorBoard, and to MLflow when ``trainer.mlflow.tracking_uri`` is set. Rank 
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
-
-log = logging.getLogger("adrec.train")
 
 
 class EpochLog:
@@ -35,7 +32,6 @@ class EpochLog:
     def step(self, epoch: int, step: int, mean_loss: float, seen: int, started: float) -> None:
         if self.enabled and self.log_every and step % self.log_every == 0:
             rate = seen / max(time.perf_counter() - started, 1e-9)
-            log.info("epoch %d step %d: train_loss %.4f, %.0f samples/s", epoch, step, mean_loss, rate)
             print(f"[adrec] epoch {epoch} step {step}: train_loss {mean_loss:.4f}, {rate:,.0f} samples/s", flush=True)
 
     def epoch(self, metrics: dict) -> None:
