@@ -97,7 +97,7 @@ def wait_for_jobs_api(address: str, head: subprocess.Popen, log: Path, timeout_s
     raise TimeoutError(f"the head's job API at {address} did not come up in {timeout_s} s")
 
 
-def wait_for_nodes(gcs_port: int, count: int, timeout_s: float = 60) -> None:
+def wait_for_nodes(gcs_port: int, count: int, timeout_s: float = 180) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         out = subprocess.run([RAY, "status", f"--address=127.0.0.1:{gcs_port}"], capture_output=True, text=True).stdout
