@@ -33,7 +33,7 @@ from ray.data.extensions import ArrowTensorArray
 from adrec.data.history import SPLITS, LabelRule, SplitRule, build_examples, latest_history, positive_rows
 from adrec.data.privacy import pseudonym_key, pseudonymize
 from adrec.data.sources import BATCH_ROWS, RAW_LINE, SourceSpec, read_source, read_table
-from adrec.data.staging import stage, staged, staged_rows
+from adrec.data.staging import parquet_rows, stage, staged
 from adrec.data.validate import REASON, Rules, canonicalize, invalid_rows, mark_duplicates, valid_rows
 from adrec.features import FeatureMap, FeatureSpec, Vocabulary, add_history_attributes, stable_hash
 from adrec.runtime import init_ray_from, resolve, write_json
@@ -273,7 +273,7 @@ def validate(cfg, out: Path, columns: dict, key: bytes | None) -> tuple[Path, di
     )
     checked = stage(tagged, out / "_stage" / "tagged", int(p.rows_per_file))
     if "event_id" in columns:
-        partitions = max(2, math.ceil(staged_rows(checked) / p.rows_per_partition))
+        partitions = max(2, math.ceil(parquet_rows(checked) / p.rows_per_partition))
         deduped = staged(checked).repartition(partitions, keys=["event_id"]).map_batches(mark_duplicates, batch_size=None, batch_format="pyarrow")
         checked = stage(deduped, out / "_stage" / "checked", int(p.rows_per_file))
         shutil.rmtree(out / "_stage" / "tagged")

@@ -34,8 +34,8 @@ def staged_files(path: Path) -> list[str]:
     return sorted(str(f) for f in Path(path).glob("*.parquet"))
 
 
-def staged_rows(path: Path) -> int:
-    """Rows of a staged intermediate, from the Parquet footers."""
+def parquet_rows(path: Path) -> int:
+    """Rows of the Parquet files in a folder (a staged intermediate, a prepared split), from their footers."""
     return sum(pq.ParquetFile(f).metadata.num_rows for f in staged_files(path))
 
 

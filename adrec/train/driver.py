@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs
-import pyarrow.parquet as pq
 import ray.data
 from omegaconf import OmegaConf
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from adrec.data.sources import ParquetFiles, list_files
+from adrec.data.staging import parquet_rows
 from adrec.features import FeatureMap
 from adrec.registry import check_same_features, verify_manifest
 from adrec.runtime import init_ray_from, require, resolve, write_json
@@ -81,7 +81,7 @@ def loop_config(cfg, prepared: Path, feature_map_path: Path, run_name: str) -> d
         "columns": model_columns(FeatureMap.load(feature_map_path)),
         "validation_files": sorted(str(f) for f in (prepared / "validation").rglob("*.parquet")),
         # An epoch: this worker's equal share of the training split.
-        "epoch_rows": split_rows(prepared / "train") // int(t.num_workers),
+        "epoch_rows": parquet_rows(prepared / "train") // int(t.num_workers),
         "stream_epochs": bool(t.stream_epochs),
         "precision": str(t.precision),
         "torch_threads": int(t.torch_threads) if t.torch_threads else None,
@@ -101,11 +101,6 @@ def epoch_files(split: Path, epochs: int, seed: int) -> list[tuple[pyarrow.fs.Fi
     files = list_files([str(split)])
     rng = np.random.default_rng(seed)
     return [files[i] for _ in range(epochs) for i in rng.permutation(len(files))]
-
-
-def split_rows(path: Path) -> int:
-    """Rows of a prepared split, from its Parquet footers."""
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in path.rglob("*.parquet"))
 
 
 def local_checkpoint(checkpoint: ray.train.Checkpoint, train_dir: Path) -> str:
