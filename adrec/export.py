@@ -18,10 +18,29 @@ from adrec.registry import (
     check_same_features,
     load_checkpoint,
     new_version,
+    save_ranker,
     save_tower,
     write_manifest,
 )
 from adrec.runtime import read_json, require, resolve, write_json
+
+
+def trained_ranker(cfg, prepared: Path) -> dict | None:
+    """The evaluated DCN ranker of ``cfg.ranker`` as {model, metrics, checkpoint}, or None when none was trained."""
+    if not cfg.get("ranker") or not cfg.ranker.enabled:
+        return None
+    result = Path(resolve(cfg.ranker.train_dir)) / "result.json"
+    if not result.is_file():
+        return None
+    trained = read_json(result)
+    metrics = read_json(require(Path(resolve(cfg.ranker.eval_dir)) / "metrics.json", "jobs/evaluate.py for the ranker"))
+    if metrics.get("checkpoint") != trained["best_checkpoint"]:
+        raise ArtifactError(f"the ranker's metrics in {cfg.ranker.eval_dir} are for another checkpoint: evaluate the ranker again")
+    check_same_features(trained["best_checkpoint"], prepared)
+    model = load_checkpoint(trained["best_checkpoint"])
+    if hasattr(model, "user_tower"):
+        raise ArtifactError(f"{cfg.ranker.train_dir} holds a two-tower model, not a ranker: train it with model=dcn")
+    return {"model": model, "metrics": metrics, "checkpoint": trained["best_checkpoint"]}
 
 
 def run(cfg) -> dict:
@@ -50,6 +69,9 @@ def run(cfg) -> dict:
     save_tower(model.ad_tower, staging, "ad_encoder")
     catalog = pq.read_table(prepared / "ads.parquet")
     save_file({"embeddings": embed(model.ad_tower, catalog).contiguous()}, staging / "ad_embeddings.safetensors")
+    ranker = trained_ranker(cfg, prepared)
+    if ranker is not None:
+        save_ranker(ranker["model"], staging)
     for name in ("ads.parquet", "users.parquet", "feature_map.json"):
         shutil.copy2(prepared / name, staging / name)
     write_json(staging / "metrics.json", metrics)
@@ -62,6 +84,8 @@ def run(cfg) -> dict:
             "embedding_dim": model.user_tower.config["output_dim"],
             # pCTR = sigmoid(a * (U . V + logit_bias) + b), fitted on the validation split by evaluation.
             "calibration": metrics["calibration"],
+            # The shortlist's pCTR = sigmoid(a * ranker logit + b) when a ranker ships; null: the towers' pCTR.
+            "ranker": None if ranker is None else {"calibration": ranker["metrics"]["calibration"], "auc": ranker["metrics"].get("auc")},
         },
     )
     manifest = write_manifest(
@@ -72,6 +96,7 @@ def run(cfg) -> dict:
         config=OmegaConf.to_container(cfg, resolve=True),
         lineage={
             "checkpoint": trained["best_checkpoint"],
+            "ranker_checkpoint": None if ranker is None else ranker["checkpoint"],
             "train_run": trained.get("run_path"),
             "prepared_dir": str(prepared),
             "prepare_report": read_json(prepared / "report.json"),
@@ -80,4 +105,4 @@ def run(cfg) -> dict:
     final = root / version
     staging.rename(final)
     (root / LATEST).write_text(version + "\n")
-    return {"version": version, "model_dir": str(final), "files": manifest["files"]}
+    return {"version": version, "model_dir": str(final), "files": manifest["files"], "ranker": ranker is not None}

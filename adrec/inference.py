@@ -41,5 +41,5 @@ def catalog_lookups(catalog: pa.Table) -> dict[str, tuple[pa.Array, pa.Array]]:
     return {
         name.removeprefix("raw_"): (catalog["raw_ad_id"].combine_chunks(), catalog[name].combine_chunks())
         for name in catalog.column_names
-        if name.startswith("raw_") and name != "raw_ad_id"
+        if name.startswith("raw_") and name not in ("raw_ad_id", "raw_campaign_id")
     }

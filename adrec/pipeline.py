@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from omegaconf import OmegaConf, open_dict
+
 from adrec import export
 from adrec.data import prepare, synthetic
 from adrec.eval import evaluate
@@ -24,6 +26,16 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in rows)
 
 
+def ranker_config(cfg):
+    """``cfg`` with the ranker's model and its own train and eval directories, to train and evaluate it."""
+    ranker = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(ranker):
+        ranker.model = cfg.ranker.model
+        ranker.paths.train_dir = cfg.ranker.train_dir
+        ranker.paths.eval_dir = cfg.ranker.eval_dir
+    return ranker
+
+
 def run(cfg) -> dict:
     """Run every stage on ``cfg``; return each stage's result and the seconds it took."""
     init_ray_from(cfg)
@@ -32,6 +44,11 @@ def run(cfg) -> dict:
         stages = {"generate": synthetic.run, **stages}
     if not str(cfg.model._target_).endswith("build_two_tower"):
         del stages["export"]  # only the two-tower model is served (export says why)
+    elif cfg.ranker.enabled:
+        # Serve re-ranks the towers' shortlist with the DCN ranker, trained on the same examples.
+        ranked = ranker_config(cfg)
+        stages = {**{k: v for k, v in stages.items() if k != "export"}, "train_ranker": lambda _: driver.run(ranked),
+                  "evaluate_ranker": lambda _: evaluate.run(ranked), "export": export.run}
     results, seconds = {}, {}
     for name, stage in stages.items():
         started = time.time()

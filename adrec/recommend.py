@@ -1,10 +1,18 @@
-"""Online recommendation logic, free of Serve: request -> user features -> U -> top-k ads.
+"""Online recommendation logic, free of Serve.
 
-Serve's deployments wrap these pieces; tests can call them directly.
+    request -> FeatureBuilder (user features) -> UserSide (U = user tower)
+            -> RetrievalSide (shortlist by U . V over the ad index, + popular ads for cold users)
+            -> RankingSide (calibrated pCTR of each shortlisted ad: the DCN ranker, or the towers)
+            -> adrec.auction.Marketplace (targeting, budgets, frequency caps, eCPM = pCTR x bid)
+
+Each side loads from one exported model directory. Serve runs each in its own deployment
+(serve/app.py); ``LocalRecommender`` runs them in one process, for tests and the bare baseline
+of benchmarks/serve_latency.py, so both execute exactly this code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from adrec.auction import AuctionResult, Candidate, Marketplace
 from adrec.data.privacy import pseudonym_key, pseudonymize
+from adrec.eval.calibration import Platt
 from adrec.features import FeatureMap, FeatureSpec, add_history_attributes
-from adrec.inference import catalog_lookups, column_to_numpy
-from adrec.registry import load_ad_embeddings, resolve_model_dir, verify_manifest
+from adrec.index import build_index
+from adrec.inference import catalog_lookups, column_to_numpy, to_features
+from adrec.registry import load_ad_embeddings, load_ranker, load_tower, resolve_model_dir, verify_manifest
 
 
 @dataclass
@@ -99,63 +110,255 @@ class FeatureBuilder:
         return encoded
 
 
+
+def ad_columns(feature_map: FeatureMap) -> list[str]:
+    """The raw inputs an ad states besides its id (e.g. advertiser_id, campaign_id, category, tokens)."""
+    return sorted({f.column for f in feature_map.features if f.group == "ad" and f.name != "ad_id"})
+
+
 @dataclass
-class Recommendation:
+class AdUpdate:
+    """A new or changed ad as the advertiser states it: raw values, encoded by each model version."""
+
     ad_id: str
-    score: float
-    pctr: float
+    campaign_id: str
     bid: float
+    attributes: dict[str, str | list[str]] = field(default_factory=dict)  # e.g. {"category": "cat3", "tokens": ["shoes"]}
+
+    def raw_table(self) -> pa.Table:
+        columns = {"ad_id": [self.ad_id], "campaign_id": [self.campaign_id]}
+        for name, value in self.attributes.items():
+            columns[name] = [value]
+        return pa.table(columns)
 
 
-class AdIndex:
-    """Exact top-k over the catalog's ad embeddings by U . V; pCTR = sigmoid(a * (U . V + bias) + b)."""
+def grow(array: np.ndarray, row: int, value: np.ndarray) -> np.ndarray:
+    """``array`` with ``value`` at ``row``, appended when ``row == len(array)``. Admin writes are rare,
+    so a copy per new ad (about 50 ms at a million ads) buys simple, read-optimised arrays."""
+    if row == len(array):
+        return np.concatenate([array, value.reshape(1, *array.shape[1:]).astype(array.dtype)])
+    array[row] = value
+    return array
 
-    def __init__(self, ad_ids: list[str], bids: np.ndarray, embeddings: torch.Tensor, logit_bias: float, calibration: dict | None = None) -> None:
-        self.ad_ids = ad_ids
-        self.bids = bids
-        self.embeddings = embeddings  # (A, D)
-        self.logit_bias = logit_bias
-        self.calibration = calibration or {"a": 1.0, "b": 0.0}
 
-    @torch.no_grad()
-    def top_k(self, user: torch.Tensor, k: int) -> list[list[Recommendation]]:
-        """user: (B, D) -> for each row, the k best ads, best first."""
-        scores = user @ self.embeddings.T  # (B, A)
-        best, index = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-        pctr = torch.sigmoid(self.calibration["a"] * (best + self.logit_bias) + self.calibration["b"])
+class Catalog:
+    """Every servable ad. Row i of each array is ad i; an update rewrites its row, a new ad appends,
+    so the index and the ranker (which apply the same updates in order) agree on rows."""
+
+    def __init__(self, table: pa.Table, feature_names: list[str]) -> None:
+        self.ad_ids = table["raw_ad_id"].to_pylist()
+        self.row_of = {ad: i for i, ad in enumerate(self.ad_ids)}
+        self.bids = table["bid"].to_numpy().astype(np.float32)
+        # Exports before campaigns were carried: every ad is its own campaign.
+        self.campaigns = table["raw_campaign_id"].to_pylist() if "raw_campaign_id" in table.column_names else list(self.ad_ids)
+        self.attributes = {
+            name.removeprefix("raw_"): table[name].to_pylist()
+            for name in table.column_names
+            if name.startswith("raw_") and name not in ("raw_ad_id", "raw_campaign_id")
+        }
+        self.features = {name: column_to_numpy(table[name]) for name in feature_names if name in table.column_names}
+
+    def __len__(self) -> int:
+        return len(self.ad_ids)
+
+    def upsert(self, update: AdUpdate, encoded: dict[str, np.ndarray]) -> int:
+        """Write one ad (its encoded features: (1,) or (1, L) per name); return its row."""
+        row = self.row_of.get(update.ad_id, len(self.ad_ids))
+        if row == len(self.ad_ids):
+            self.ad_ids.append(update.ad_id)
+            self.campaigns.append(update.campaign_id)
+            for values in self.attributes.values():
+                values.append(None)
+            self.row_of[update.ad_id] = row
+        self.campaigns[row] = update.campaign_id
+        for name, values in self.attributes.items():
+            values[row] = update.attributes.get(name, values[row])
+        self.bids = grow(self.bids, row, np.float32(update.bid))
+        for name in self.features:
+            self.features[name] = grow(self.features[name], row, encoded[name][0])
+        return row
+
+    def candidates(self, rows: np.ndarray, pctr: np.ndarray) -> list[Candidate]:
+        """The auction's view of ``rows`` (N,) with their calibrated pCTR (N,)."""
         return [
-            [
-                Recommendation(self.ad_ids[a], float(s), float(p), float(self.bids[a]))
-                for a, s, p in zip(index[b].tolist(), best[b].tolist(), pctr[b].tolist())
-            ]
-            for b in range(len(user))
+            Candidate(
+                ad_id=self.ad_ids[r],
+                campaign_id=self.campaigns[r],
+                bid=float(self.bids[r]),
+                pctr=float(p),
+                attributes={name: values[r] for name, values in self.attributes.items() if values[r] is not None},
+            )
+            for r, p in zip(rows.tolist(), pctr.tolist())
         ]
 
 
-@dataclass
-class ServingModel:
-    """Everything the ranking side needs from one exported model directory."""
+def encode_ads(feature_map: FeatureMap, update: AdUpdate) -> dict[str, np.ndarray]:
+    """One ad's model inputs with the training transforms: (1,) ids, (1, L) sequences."""
+    return feature_map.encode(update.raw_table())
 
-    version: str
-    model_dir: Path
-    features: FeatureBuilder
-    index: AdIndex
 
-    @classmethod
-    def load(cls, model_dir: str | Path) -> "ServingModel":
-        model_dir = resolve_model_dir(model_dir)
-        manifest = verify_manifest(model_dir)
-        feature_map = FeatureMap.load(model_dir / "feature_map.json")
-        store = UserStore(pq.read_table(model_dir / "users.parquet"), feature_map)
-        key = pseudonym_key(None) if feature_map.metadata.get("pseudonymized") else None
-        catalog = pq.read_table(model_dir / "ads.parquet")
-        lookups = catalog_lookups(catalog)
-        meta = json.loads((model_dir / "model.json").read_text())
-        index = AdIndex(
-            catalog["raw_ad_id"].to_pylist(),
-            catalog["bid"].to_numpy(),
-            load_ad_embeddings(model_dir),
-            float(meta["logit_bias"]),
-            meta.get("calibration"),
-        )
-        return cls(manifest["version"], model_dir, FeatureBuilder(feature_map, store, lookups, key), index)
+def load_feature_map(model_dir: Path) -> FeatureMap:
+    return FeatureMap.load(model_dir / "feature_map.json")
+
+
+def feature_builder(model_dir: Path) -> FeatureBuilder:
+    """The request -> user features transform of an exported (verified) model directory."""
+    feature_map = load_feature_map(model_dir)
+    store = UserStore(pq.read_table(model_dir / "users.parquet"), feature_map)
+    key = pseudonym_key(None) if feature_map.metadata.get("pseudonymized") else None
+    return FeatureBuilder(feature_map, store, catalog_lookups(pq.read_table(model_dir / "ads.parquet")), key)
+
+
+def verified(model_dir: str | Path) -> tuple[Path, str]:
+    """(version directory, version) after checking every file's checksum."""
+    model_dir = resolve_model_dir(model_dir)
+    return model_dir, verify_manifest(model_dir)["version"]
+
+
+class UserSide:
+    """The user tower of one model version: U = f(user features)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model_dir, self.version = verified(model_dir)
+        self.tower = load_tower(self.model_dir, "user_encoder")
+
+    @torch.no_grad()
+    def encode(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """Features of B users -> U (B, D) float32."""
+        return self.tower(to_features(features, self.tower.feature_names)).numpy()
+
+
+class RetrievalSide:
+    """The ad index of one model version: the shortlist by U . V, and new ads embedded by the ad tower."""
+
+    def __init__(self, model_dir: str | Path, index_options: dict | None = None, popular: int = 50) -> None:
+        self.model_dir, self.version = verified(model_dir)
+        self.feature_map = load_feature_map(self.model_dir)
+        self.ad_tower = load_tower(self.model_dir, "ad_encoder")
+        self.catalog = Catalog(pq.read_table(self.model_dir / "ads.parquet"), self.ad_tower.feature_names)
+        vectors = load_ad_embeddings(self.model_dir).numpy()
+        self.index = build_index(vectors, recall_queries=sample_user_vectors(self.model_dir), **(index_options or {}))
+        self.popular_rows = popular_rows(self.feature_map, self.catalog, popular)
+        self.applied = 0  # ad updates applied, in the order the serving state logged them
+
+    def shortlist(self, user: np.ndarray, n: int, cold: list[bool]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """U (B, D) -> per user (rows (n',), scores (n',)) best first; cold users also get the popular ads."""
+        scores, rows = self.index.search(np.ascontiguousarray(user, np.float32), n)
+        out = []
+        for b in range(len(user)):
+            keep = rows[b] >= 0
+            found, found_scores = rows[b][keep], scores[b][keep]
+            if cold[b]:
+                extra = self.popular_rows[~np.isin(self.popular_rows, found)]
+                found = np.concatenate([found, extra])
+                found_scores = np.concatenate([found_scores, self.index.vectors[extra] @ user[b]])
+            out.append((found, found_scores.astype(np.float32)))
+        return out
+
+    @torch.no_grad()
+    def apply(self, updates: list[AdUpdate]) -> None:
+        """Embed each new or changed ad with this version's ad tower and write it into the index."""
+        for update in updates:
+            encoded = encode_ads(self.feature_map, update)
+            row = self.catalog.upsert(update, encoded)
+            vector = self.ad_tower(to_features({n: self.catalog.features[n][row : row + 1] for n in self.ad_tower.feature_names}, self.ad_tower.feature_names))
+            self.index.upsert(np.array([row]), vector.numpy())
+        self.applied += len(updates)
+
+
+class RankingSide:
+    """Calibrated pCTR for a user's shortlist: the DCN ranker when the version ships one, else the towers'."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model_dir, self.version = verified(model_dir)
+        self.feature_map = load_feature_map(self.model_dir)
+        meta = json.loads((self.model_dir / "model.json").read_text())
+        self.ranker = load_ranker(self.model_dir)
+        ad_names = self.feature_map.names("ad")
+        self.catalog = Catalog(pq.read_table(self.model_dir / "ads.parquet"), ad_names)
+        self.logit_bias = float(meta["logit_bias"])
+        calibration = (meta.get("ranker") or {}).get("calibration") if self.ranker is not None else meta.get("calibration")
+        self.calibration = Platt(calibration["a"], calibration["b"]) if calibration else Platt()
+        self.applied = 0
+
+    @torch.no_grad()
+    def pctr(self, user_features: dict[str, np.ndarray], rows: np.ndarray, tower_scores: np.ndarray) -> np.ndarray:
+        """One user's features (1 row each), shortlist rows (N,) and U . V (N,) -> calibrated pCTR (N,)."""
+        if self.ranker is None or len(rows) == 0:
+            return self.calibration(tower_scores + self.logit_bias).astype(np.float32)
+        inputs = {
+            name: self.catalog.features[name][rows] if name in self.catalog.features else np.repeat(user_features[name], len(rows), axis=0)
+            for name in self.ranker.feature_names
+        }
+        logits = self.ranker(to_features(inputs, self.ranker.feature_names)).numpy()
+        return self.calibration(logits).astype(np.float32)
+
+    def candidates(self, user_features: dict[str, np.ndarray], rows: np.ndarray, tower_scores: np.ndarray) -> list[Candidate]:
+        return self.catalog.candidates(rows, self.pctr(user_features, rows, tower_scores))
+
+    def apply(self, updates: list[AdUpdate]) -> None:
+        for update in updates:
+            self.catalog.upsert(update, encode_ads(self.feature_map, update))
+        self.applied += len(updates)
+
+
+def popular_rows(feature_map: FeatureMap, catalog: Catalog, count: int) -> np.ndarray:
+    """Catalog rows of the ``count`` ads seen most in training (the vocabulary's counts), most first."""
+    vocabulary = feature_map.vocabularies.get("ad_id")
+    if vocabulary is None or vocabulary.counts is None or count <= 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(-np.asarray(vocabulary.counts), kind="stable")
+    rows = [catalog.row_of[vocabulary.values[i]] for i in order if vocabulary.values[i] in catalog.row_of]
+    return np.asarray(rows[:count], np.int64)
+
+
+def sample_user_vectors(model_dir: Path, count: int = 256) -> np.ndarray:
+    """U of up to ``count`` logged users: the realistic queries the index's recall is measured on (Q, D)."""
+    builder = feature_builder(model_dir)
+    users = pq.read_table(model_dir / "users.parquet", columns=["raw_user_id"])["raw_user_id"]
+    step = max(1, len(users) // count)
+    queries = [UserQuery(uid) for uid in users.to_pylist()[::step][:count]]
+    if not queries:
+        return None
+    if builder.pseudonym_key:  # stored ids are pseudonyms already: build from them directly
+        builder = FeatureBuilder(builder.feature_map, builder.store, builder.lookups, None)
+    tower = load_tower(model_dir, "user_encoder")
+    with torch.no_grad():
+        return tower(to_features(builder.build(queries), tower.feature_names)).numpy()
+
+
+def user_key(user_id: str) -> str:
+    """The auction's frequency-cap key: a digest, so the shared state never holds raw user ids."""
+    return hashlib.blake2b(user_id.encode(), digest_size=12).hexdigest()
+
+
+def is_cold(builder: FeatureBuilder, query: UserQuery) -> bool:
+    """No history in the request and none stored: the towers know nothing of this user's taste."""
+    return not query.recent_ad_ids and (builder.store.row(builder.user_ids([query])[0].as_py()) is None)
+
+
+class LocalRecommender:
+    """Every side of one model version in one process: what each Serve request runs, without Serve."""
+
+    def __init__(self, model_dir: str | Path, marketplace: Marketplace, index_options: dict | None = None,
+                 shortlist: int = 200, popular: int = 50) -> None:
+        self.features = feature_builder(resolve_model_dir(model_dir))
+        self.users = UserSide(model_dir)
+        self.retrieval = RetrievalSide(model_dir, index_options, popular)
+        self.ranking = RankingSide(model_dir)
+        self.marketplace = marketplace
+        self.shortlist = shortlist
+        self.version = self.users.version
+
+    def recommend(self, query: UserQuery, k: int) -> tuple[AuctionResult, bool]:
+        """(the auction's winners and removal counts, whether the user was cold)."""
+        features = self.features.build([query])
+        cold = is_cold(self.features, query)
+        user = self.users.encode(features)
+        ((rows, scores),) = self.retrieval.shortlist(user, max(self.shortlist, k), [cold])
+        candidates = self.ranking.candidates(features, rows, scores)
+        return self.marketplace.run(user_key(query.user_id), {**query.attributes, **query.context}, candidates, k), cold
+
+    def upsert_ad(self, update: AdUpdate) -> None:
+        self.retrieval.apply([update])
+        self.ranking.apply([update])

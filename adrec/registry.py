@@ -9,6 +9,7 @@ An exported model directory holds::
     user_encoder.safetensors  user_encoder.json   the user (query) tower and its constructor args
     ad_encoder.safetensors    ad_encoder.json     the ad tower and its constructor args
     ad_embeddings.safetensors                     V for every catalog ad, (A, D), in ads.parquet order
+    ranker.safetensors        ranker.json         optional: the DCN ranker that re-ranks the shortlist
     ads.parquet  users.parquet  feature_map.json  what Serve needs to encode requests
     model.json  metrics.json  manifest.json       bias, version, metrics, config, lineage, checksums
 """
@@ -170,6 +171,21 @@ def new_version() -> str:
 def save_tower(tower: EmbeddingMLPTower, directory: Path, name: str) -> None:
     save_weights(tower, directory / f"{name}.safetensors")
     (directory / f"{name}.json").write_text(json.dumps(tower.config, indent=2))
+
+
+def save_ranker(ranker: DCNRanker, directory: Path) -> None:
+    save_weights(ranker, directory / "ranker.safetensors")
+    (directory / "ranker.json").write_text(json.dumps(ranker.config, indent=2))
+
+
+def load_ranker(directory: str | Path) -> DCNRanker | None:
+    """The exported ranker of an already verified model directory, or None when it ships without one."""
+    directory = Path(directory)
+    if not (directory / "ranker.json").is_file():
+        return None
+    ranker = _build(DCNRanker, json.loads((directory / "ranker.json").read_text()))
+    ranker.load_state_dict(load_file(directory / "ranker.safetensors"))
+    return ranker.eval()
 
 
 def load_tower(directory: str | Path, name: str) -> EmbeddingMLPTower:

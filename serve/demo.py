@@ -10,7 +10,7 @@ from ray import serve
 
 from adrec.registry import resolve_model_dir
 from adrec.runtime import resolve
-from serve.app import AppArgs, build_app
+from serve.app import AppArgs, build_app, shutdown
 
 
 def post_json(url: str, body: dict, timeout_s: float = 30.0) -> tuple[int, dict]:
@@ -41,6 +41,7 @@ def run(cfg) -> list[dict]:
             max_k=cfg.serve.max_k,
             max_history=cfg.serve.max_history,
             user_encoder=dict(cfg.serve.user_encoder),
+            ad_index=dict(cfg.serve.ad_index),
         )
     )
     serve.run(app, name="adrec", route_prefix="/", logging_config={"enable_access_log": False})
@@ -52,5 +53,6 @@ def run(cfg) -> list[dict]:
             print(f"POST /recommend {json.dumps(body)}\n  -> {status} {json.dumps(answer)}", flush=True)
             answers.append({"request": body, "status": status, "response": answer})
     finally:
+        shutdown("adrec")
         serve.shutdown()
     return answers

@@ -1,6 +1,8 @@
 """The Serve app on the tiny run's exported model, called over real HTTP."""
 
 import socket
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -9,15 +11,20 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401
 import pyarrow.parquet as pq
 import pytest
+import ray
 import yaml
 from ray import serve
 
+from adrec import export
 from adrec.features import OOV, FeatureMap
-from adrec.recommend import FeatureBuilder, ServingModel, UserQuery, UserStore
-from serve.app import AppArgs, build_app
+from adrec.recommend import FeatureBuilder, RetrievalSide, UserQuery, UserStore, feature_builder
+from serve.app import AppArgs, build_app, shutdown
 
 pytestmark = pytest.mark.slow
 MAX_K = 20
+TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+CAP = 2  # impressions of one ad per user per hour
 
 
 def free_port() -> int:
@@ -31,8 +38,18 @@ def app_url(tiny_run):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     models_root = tiny_run["cfg"].paths.models_dir  # a registry root: LATEST picks the version
-    serve.run(build_app(AppArgs(model_dir=models_root, max_k=MAX_K, max_history=5)), name="adrec", route_prefix="/")
+    args = AppArgs(
+        model_dir=models_root,
+        max_k=MAX_K,
+        max_history=5,
+        admin_token=TOKEN,
+        poll_s=0.2,
+        frequency_cap={"max_impressions": CAP, "window_s": 3600},
+        user_encoder={"min_replicas": 2, "max_replicas": 2},  # two, so one can be killed under load
+    )
+    serve.run(build_app(args), name="adrec", route_prefix="/", logging_config={"enable_access_log": False})
     yield f"http://127.0.0.1:{port}"
+    shutdown("adrec")
     serve.shutdown()
 
 
@@ -52,39 +69,57 @@ def test_healthz_names_the_serving_version(app_url, tiny_run):
     assert answer.json()["model_version"] == tiny_run["export"]["version"]
 
 
-@pytest.mark.parametrize("k", [1, 10, MAX_K])
-def test_recommend_returns_k_distinct_catalog_ads_best_first(app_url, tiny_run, catalog, k):
-    body = {"user_id": known_user(tiny_run), "k": k, "context": {"slot": "top", "device": "mobile"}}
+def recommend(app_url: str, **body) -> dict:
     answer = httpx.post(f"{app_url}/recommend", json=body, timeout=30)
     assert answer.status_code == 200, answer.text
-    data = answer.json()
+    return answer.json()
+
+
+@pytest.mark.parametrize("k", [1, 10, MAX_K])
+def test_recommend_returns_k_distinct_catalog_ads_by_ecpm(app_url, tiny_run, catalog, k):
+    data = recommend(app_url, user_id=f"{known_user(tiny_run)}", k=k, context={"slot": "top", "device": "mobile"})
     ids = [ad["ad_id"] for ad in data["ads"]]
     assert len(ids) == k == len(set(ids)) and set(ids) <= catalog
-    scores = [ad["score"] for ad in data["ads"]]
-    assert scores == sorted(scores, reverse=True)
-    assert all(0.0 < ad["pctr"] < 1.0 and ad["bid"] > 0 for ad in data["ads"])
+    ecpm = [ad["ecpm"] for ad in data["ads"]]
+    assert ecpm == sorted(ecpm, reverse=True)
+    for ad in data["ads"]:
+        assert 0.0 < ad["pctr"] < 1.0 and ad["bid"] > 0
+        assert ad["ecpm"] == pytest.approx(1000 * ad["pctr"] * ad["bid"], rel=1e-5)
     assert data["model_version"] == tiny_run["export"]["version"]
+    assert data["candidates"] >= k and set(data["removed"]) == {"duplicate", "targeting", "budget", "frequency_cap"}
+    assert data["cold_start"] is False
 
 
-def test_unknown_user_gets_recommendations_not_an_error(app_url, catalog):
-    answer = httpx.post(f"{app_url}/recommend", json={"user_id": "someone-new", "k": 5}, timeout=30)
-    assert answer.status_code == 200
-    assert len({ad["ad_id"] for ad in answer.json()["ads"]} & catalog) == 5
+def test_the_response_says_where_the_time_went(app_url):
+    answer = httpx.post(f"{app_url}/recommend", json={"user_id": "timing-user", "k": 3}, timeout=30)
+    hops = dict(part.split(";dur=") for part in answer.headers["server-timing"].split(", "))
+    assert {"features", "encode", "index", "rank", "hops", "auction", "total"} <= set(hops)
+    assert float(hops["total"]) >= float(hops["encode"]) + float(hops["index"]) + float(hops["rank"])
+
+
+def test_an_unknown_user_gets_a_cold_start_from_features_context_and_popularity(app_url, catalog):
+    data = recommend(app_url, user_id="someone-new", k=5, attributes={"age_bucket": "25-34"}, context={"device": "mobile"})
+    assert data["cold_start"] is True
+    assert len({ad["ad_id"] for ad in data["ads"]} & catalog) == 5
 
 
 def test_recent_clicks_in_the_request_change_the_ranking(app_url, tiny_run):
-    # Two different known ads as the only history: the user tower must see which ones.
+    # Two different known ads as the only history: the user tower and the ranker must see which ones.
     known = FeatureMap.load(Path(tiny_run["export"]["model_dir"]) / "feature_map.json").vocabularies["ad_id"].values
-    one = httpx.post(f"{app_url}/recommend", json={"user_id": "someone-new", "k": 10, "recent_ad_ids": [known[0]]}, timeout=30)
-    other = httpx.post(f"{app_url}/recommend", json={"user_id": "someone-new", "k": 10, "recent_ad_ids": [known[1]]}, timeout=30)
-    assert [a["score"] for a in one.json()["ads"]] != [a["score"] for a in other.json()["ads"]]
+    one = recommend(app_url, user_id="new-a", k=10, recent_ad_ids=[known[0]])
+    other = recommend(app_url, user_id="new-b", k=10, recent_ad_ids=[known[1]])
+    assert [a["pctr"] for a in one["ads"]] != [a["pctr"] for a in other["ads"]]
+    assert one["cold_start"] is False
 
 
-def test_history_shapes_the_ranking_at_all(app_url, catalog):
-    ads = sorted(catalog)[:3]
-    plain = httpx.post(f"{app_url}/recommend", json={"user_id": "someone-new", "k": 10}, timeout=30).json()
-    primed = httpx.post(f"{app_url}/recommend", json={"user_id": "someone-new", "k": 10, "recent_ad_ids": ads}, timeout=30).json()
-    assert [a["score"] for a in plain["ads"]] != [a["score"] for a in primed["ads"]]
+def test_frequency_cap_stops_an_ad_after_n_impressions_per_user(app_url):
+    seen: dict[str, int] = {}
+    answers = [recommend(app_url, user_id="capped-user", k=5) for _ in range(CAP + 2)]
+    for answer in answers:
+        for ad in answer["ads"]:
+            seen[ad["ad_id"]] = seen.get(ad["ad_id"], 0) + 1
+    assert max(seen.values()) == CAP  # the best ads were shown exactly CAP times, never more
+    assert answers[0]["removed"]["frequency_cap"] == 0 and answers[-1]["removed"]["frequency_cap"] >= 5
 
 
 @pytest.mark.parametrize(
@@ -94,8 +129,6 @@ def test_history_shapes_the_ranking_at_all(app_url, catalog):
         ({"user_id": "", "k": 5}, "user_id"),
         ({"user_id": "u1", "k": "ten"}, "k"),
         ({"user_id": "u1", "k": 0}, "k"),
-        ({"user_id": "u1", "k": MAX_K + 1}, "k"),
-        ({"user_id": "u1", "recent_ad_ids": ["a1"] * 6}, "recent_ad_ids"),
         ({"user_id": "u1", "context": "top"}, "context"),
         ({"user_id": "u" * 300}, "user_id"),
         ({"user_id": "u1", "recent_ad_ids": ["a" * 300]}, "recent_ad_ids"),
@@ -103,6 +136,7 @@ def test_history_shapes_the_ranking_at_all(app_url, catalog):
         ({"user_id": "u1", "topk": 3}, "topk"),
         ({"user_id": "u1", "context": {"devise": "mobile"}}, "devise"),
         ({"user_id": "u1", "attributes": {"age": "30"}}, "age"),
+        ({"user_id": "u1", "tmax_ms": -1}, "tmax_ms"),
     ],
 )
 def test_malformed_requests_get_422_naming_the_field(app_url, body, field):
@@ -111,9 +145,159 @@ def test_malformed_requests_get_422_naming_the_field(app_url, body, field):
     assert any(field in error["loc"] for error in answer.json()["detail"])
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"user_id": "u1", "k": MAX_K + 1}, "k"),
+        ({"user_id": "u1", "recent_ad_ids": ["a1"] * 6}, "recent_ad_ids"),
+        ({"user_id": "u1", "recent_ad_ids": ["a" * 200] * 400}, "body"),  # 80 KB: over max_body_bytes
+    ],
+)
+def test_oversized_requests_get_413_naming_what_is_too_large(app_url, body, field):
+    answer = httpx.post(f"{app_url}/recommend", json=body, timeout=30)
+    assert answer.status_code == 413
+    assert any(field in error["loc"] for error in answer.json()["detail"])
+
+
 def test_body_that_is_not_json_gets_422(app_url):
     answer = httpx.post(f"{app_url}/recommend", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
     assert answer.status_code == 422
+
+
+def test_a_missed_deadline_is_a_503_with_a_message_not_a_hang(app_url):
+    started = time.monotonic()
+    answer = httpx.post(f"{app_url}/recommend", json={"user_id": "hurried", "k": 5, "tmax_ms": 0.01}, timeout=30)
+    assert answer.status_code == 503 and "within" in answer.json()["detail"]
+    assert time.monotonic() - started < 5
+
+
+def test_openapi_documents_every_endpoint(app_url):
+    assert httpx.get(f"{app_url}/docs", timeout=30).status_code == 200
+    paths = httpx.get(f"{app_url}/openapi.json", timeout=30).json()["paths"]
+    assert {"/recommend", "/ads/{ad_id}", "/admin/reload", "/model", "/healthz"} <= set(paths)
+
+
+def test_model_endpoint_names_the_version_and_the_index(app_url, tiny_run, catalog):
+    info = httpx.get(f"{app_url}/model", timeout=30).json()
+    assert info["version"] == tiny_run["export"]["version"]
+    assert info["index"]["kind"] == "exact" and info["index"]["size"] >= len(catalog)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
+def test_write_endpoints_need_the_bearer_token(app_url, headers):
+    ad = {"campaign_id": "c-x", "bid": 1.0}
+    assert httpx.put(f"{app_url}/ads/unauthorised-ad", json=ad, headers=headers, timeout=30).status_code == 401
+    assert httpx.post(f"{app_url}/admin/reload", json={}, headers=headers, timeout=30).status_code == 401
+
+
+def top_ad_attributes(tiny_run, ad_id: str) -> dict:
+    """The raw attributes of a logged ad, to create a look-alike with the same content."""
+    ads = pq.read_table(Path(tiny_run["cfg"].paths.raw_dir) / "ads").to_pylist()
+    row = next(a for a in ads if a["ad_id"] == ad_id)
+    return {"advertiser_id": row["advertiser_id"], "category": row["category"], "tokens": row["tokens"]}
+
+
+def put_ad(app_url, ad_id: str, **ad) -> httpx.Response:
+    return httpx.put(f"{app_url}/ads/{ad_id}", json=ad, headers=ADMIN, timeout=60)
+
+
+def test_a_new_ad_is_embedded_indexed_and_served_without_a_restart(app_url, tiny_run):
+    user = "lookalike-user"
+    best = recommend(app_url, user_id=user, k=1, context={"device": "mobile"})["ads"][0]
+    attributes = top_ad_attributes(tiny_run, best["ad_id"])
+    size = httpx.get(f"{app_url}/model", timeout=30).json()["index"]["size"]
+    answer = put_ad(app_url, "brand-new-ad", campaign_id="new-campaign", bid=500.0, attributes=attributes)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["index_size"] == size + 1
+    served = recommend(app_url, user_id=f"{user}-2", k=3, context={"device": "mobile"})["ads"]
+    assert served[0]["ad_id"] == "brand-new-ad" and served[0]["campaign_id"] == "new-campaign"
+
+
+def test_budget_and_targeting_remove_ads_and_say_so(app_url, tiny_run, catalog):
+    served = recommend(app_url, user_id="rules-user", k=5, context={"device": "mobile"})["ads"]
+    attributes = top_ad_attributes(tiny_run, next(ad["ad_id"] for ad in served if ad["ad_id"] in catalog))
+    assert put_ad(app_url, "spent-ad", campaign_id="spent", bid=900.0, attributes=attributes, budget=0.0).status_code == 200
+    targeted = {"device": ["tablet"]}
+    assert put_ad(app_url, "tablet-ad", campaign_id="tablets", bid=800.0, attributes=attributes, targeting=targeted).status_code == 200
+    on_mobile = recommend(app_url, user_id="rules-user-2", k=MAX_K, context={"device": "mobile"})
+    served = {ad["ad_id"] for ad in on_mobile["ads"]}
+    assert "spent-ad" not in served and "tablet-ad" not in served
+    assert on_mobile["removed"]["budget"] >= 1 and on_mobile["removed"]["targeting"] >= 1
+    on_tablet = recommend(app_url, user_id="rules-user-3", k=MAX_K, context={"device": "tablet"})
+    assert on_tablet["ads"][0]["ad_id"] == "tablet-ad"
+
+
+def test_bad_ads_get_422_naming_the_field(app_url):
+    for ad, field in [({"campaign_id": "c", "bid": -1}, "bid"), ({"campaign_id": "c", "bid": 1, "attributes": {"colour": "red"}}, "colour"),
+                      ({"bid": 1}, "campaign_id"), ({"campaign_id": "c", "bid": 1, "budget": -5}, "budget")]:
+        answer = put_ad(app_url, "bad-ad", **ad)
+        assert answer.status_code == 422, ad
+        assert any(field in error["loc"] for error in answer.json()["detail"])
+
+
+class Load:
+    """Closed-loop /recommend traffic from ``clients`` threads, counting every non-2xx answer or error."""
+
+    def __init__(self, app_url: str, clients: int = 3) -> None:
+        self.url, self.stop, self.ok, self.failed = f"{app_url}/recommend", threading.Event(), 0, []
+        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        with httpx.Client(timeout=30) as client:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                try:
+                    answer = client.post(self.url, json={"user_id": f"load-{i}-{n}", "k": 5})
+                    if answer.status_code // 100 == 2:
+                        self.ok += 1
+                    else:
+                        self.failed.append(f"{answer.status_code} {answer.text[:200]}")
+                except httpx.HTTPError as error:
+                    self.failed.append(repr(error))
+
+    def __enter__(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(1.0)
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def encoder_replicas() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "UserEncoder" in a["name"] and a["namespace"] == "serve"]
+
+
+def test_killing_one_of_two_encoder_replicas_under_load_fails_no_request(app_url):
+    replicas = encoder_replicas()
+    assert len(replicas) == 2, replicas
+    with Load(app_url) as load:
+        ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
+        time.sleep(3.0)
+    assert load.ok > 20 and load.failed == [], load.failed[:5]
+    deadline = time.monotonic() + 60
+    while len(encoder_replicas()) < 2 and time.monotonic() < deadline:  # Serve replaces it
+        time.sleep(1)
+    assert len(encoder_replicas()) == 2
+
+
+def test_a_reload_under_load_swaps_the_version_and_fails_no_request(app_url, tiny_run):
+    second = export.run(tiny_run["cfg"])  # a new version of the same model; LATEST now names it
+    before = httpx.get(f"{app_url}/model", timeout=30).json()["version"]
+    with Load(app_url) as load:
+        answer = httpx.post(f"{app_url}/admin/reload", json={"version": second["version"]}, headers=ADMIN, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert load.ok > 20 and load.failed == [], load.failed[:5]
+    info = httpx.get(f"{app_url}/model", timeout=30).json()
+    assert before != second["version"] == info["version"] and info["previous"] == before
+    assert recommend(app_url, user_id="after-reload", k=3)["model_version"] == second["version"]
+    missing = httpx.post(f"{app_url}/admin/reload", json={"version": "v-none"}, headers=ADMIN, timeout=30)
+    assert missing.status_code == 422 and "version" in missing.json()["detail"][0]["loc"]
 
 
 def test_serve_config_yaml_is_a_valid_app():
@@ -128,14 +312,14 @@ def test_serve_config_yaml_is_a_valid_app():
 
 
 def test_feature_builder_merges_request_and_stored_history(tiny_run):
-    model = ServingModel.load(tiny_run["export"]["model_dir"])
+    builder = feature_builder(Path(tiny_run["export"]["model_dir"]))
     user = known_user(tiny_run)
-    stored = model.features.store.history[model.features.store.row(user)]
-    recent_ad = model.index.ad_ids[0]
-    features = model.features.build([UserQuery(user, recent_ad_ids=[recent_ad]), UserQuery("someone-new")])
+    stored = builder.store.history[builder.store.row(user)]
+    recent_ad = pq.read_table(Path(tiny_run["export"]["model_dir"]) / "ads.parquet")["raw_ad_id"][0].as_py()
+    features = builder.build([UserQuery(user, recent_ad_ids=[recent_ad]), UserQuery("someone-new")])
     length = features["history_len"][0]
     expected = ([recent_ad] + stored)[: features["history"].shape[1]]
-    encoded = model.features.feature_map.vocabularies["ad_id"].encode(pa.array(expected))
+    encoded = builder.feature_map.vocabularies["ad_id"].encode(pa.array(expected))
     assert features["history"][0, :length].tolist() == encoded.tolist()
     assert features["user_id"][1] == OOV and features["history_len"][1] == 0
     # Each history ad's category comes from the catalog, as in preparation.

@@ -421,10 +421,12 @@ def serving_users(users: pa.Table | None, latest: pa.Table, feature_map: Feature
 
 
 def serving_ads(ads: pa.Table, feature_map: FeatureMap) -> pa.Table:
-    """The encoded ad catalog: ``raw_ad_id`` and ``bid`` beside the ad tower's inputs."""
+    """The encoded ad catalog: ``raw_ad_id``, ``bid``, ``raw_campaign_id`` and raw history attributes beside the ad tower's inputs."""
     encoded = feature_map.encode(ads)
     bid = ads["bid"] if "bid" in ads.column_names else pa.array(np.ones(ads.num_rows, np.float32))
     columns = {"raw_ad_id": ads["ad_id"], "bid": bid}
+    if "campaign_id" in ads.column_names:  # the auction's budget and targeting unit
+        columns["raw_campaign_id"] = ads["campaign_id"]
     for spec in feature_map.features:  # raw attributes that histories are mapped through at serving time
         if spec.name.startswith("history_"):
             attribute = spec.name.removeprefix("history_")

@@ -1,0 +1,118 @@
+"""The serving logic without Serve: one process runs features -> towers -> index -> ranker -> auction."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from adrec.auction import FrequencyCap, Marketplace
+from adrec.inference import embed
+from adrec.recommend import AdUpdate, LocalRecommender, RankingSide, UserQuery, encode_ads
+from adrec.serving_state import ServingState
+
+
+@pytest.fixture(scope="module")
+def local(tiny_run):
+    return LocalRecommender(tiny_run["export"]["model_dir"], Marketplace(FrequencyCap(100, 3600)), shortlist=50, popular=10)
+
+
+def raw_ad(tiny_run, row: int = 0) -> dict:
+    return pq.read_table(Path(tiny_run["cfg"].paths.raw_dir) / "ads").slice(row, 1).to_pylist()[0]
+
+
+def test_the_exported_version_ships_the_dcn_ranker_and_its_calibration(tiny_run):
+    side = RankingSide(tiny_run["export"]["model_dir"])
+    assert tiny_run["export"]["ranker"] and side.ranker is not None
+    assert (side.calibration.a, side.calibration.b) == (
+        pytest.approx(tiny_run["evaluate_ranker"]["calibration"]["a"]),
+        pytest.approx(tiny_run["evaluate_ranker"]["calibration"]["b"]),
+    )
+
+
+def test_ranker_pctr_depends_on_the_user_and_the_ad(local):
+    features = local.features.build([UserQuery("u1"), UserQuery("u2", context={"device": "tablet"})])
+    rows = np.arange(5)
+    first = local.ranking.pctr({k: v[:1] for k, v in features.items()}, rows, np.zeros(5, np.float32))
+    second = local.ranking.pctr({k: v[1:] for k, v in features.items()}, rows, np.zeros(5, np.float32))
+    assert first.shape == (5,) and ((first > 0) & (first < 1)).all()
+    assert len(set(first.round(6))) > 1 and not np.allclose(first, second)
+
+
+def test_a_cold_user_gets_popular_ads_added_to_the_shortlist(local):
+    cold = local.features.build([UserQuery("nobody-at-all")])
+    user = local.users.encode(cold)
+    ((plain, _),) = local.retrieval.shortlist(user, 50, [False])
+    ((boosted, scores),) = local.retrieval.shortlist(user, 50, [True])
+    assert set(plain) < set(boosted) and set(local.retrieval.popular_rows) <= set(boosted)
+    assert len(scores) == len(boosted)
+
+
+def test_local_recommendations_are_ranked_by_ecpm(local):
+    result, cold = local.recommend(UserQuery("u3", context={"device": "mobile"}), 10)
+    ecpm = [ad.ecpm for ad in result.ads]
+    assert len(ecpm) == 10 and ecpm == sorted(ecpm, reverse=True) and cold is False
+    assert result.candidates == 50
+
+
+def test_an_upserted_ad_is_embedded_into_the_index_and_known_to_the_ranker(local, tiny_run):
+    ad = raw_ad(tiny_run)
+    size = local.retrieval.index.size
+    update = AdUpdate("fresh-ad", "fresh-campaign", 1000.0, {k: ad[k] for k in ("advertiser_id", "category", "tokens")})
+    local.upsert_ad(update)
+    row = local.retrieval.catalog.row_of["fresh-ad"]
+    assert row == size == local.ranking.catalog.row_of["fresh-ad"] and local.retrieval.index.size == size + 1
+    # Its vector is the ad tower's output for its raw features, encoded as in preparation.
+    tower = local.retrieval.ad_tower
+    expected = embed(tower, pa.table({n: list(v) if v.ndim == 2 else v for n, v in encode_ads(local.retrieval.feature_map, update).items()}))
+    assert np.allclose(local.retrieval.index.vectors[row], expected[0].numpy(), atol=1e-6)
+    local.upsert_ad(AdUpdate("fresh-ad", "fresh-campaign", 2.0, update.attributes))  # an update rewrites its row
+    assert local.retrieval.index.size == size + 1 and local.ranking.catalog.bids[row] == 2.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_version_serves_only_once_every_live_replica_has_loaded_it():
+    clock = Clock()
+    state = ServingState("/models/v1", live_s=3.0, clock=clock)
+    state.poll("enc-1", "user_encoder", ["/models/v1"])
+    state.poll("idx-1", "ad_index", ["/models/v1"])
+    assert state.begin_rollout("/models/v2")["target"] == "/models/v2"
+    state.poll("enc-1", "user_encoder", ["/models/v1", "/models/v2"])
+    assert state.view()["serving"] == "/models/v1"  # the index has not loaded it yet
+    view = state.poll("idx-1", "ad_index", ["/models/v1", "/models/v2"])
+    assert view["serving"] == "/models/v2" and view["previous"] == "/models/v1" and view["target"] is None
+
+
+def test_a_dead_replica_stops_holding_up_a_rollout_once_silent():
+    clock = Clock()
+    state = ServingState("/models/v1", live_s=3.0, clock=clock)
+    state.poll("dead", "ranker", ["/models/v1"])
+    state.begin_rollout("/models/v2")
+    clock.now = 1.0
+    assert state.poll("alive", "ranker", ["/models/v2"])["serving"] == "/models/v1"
+    clock.now = 5.0
+    assert state.poll("alive", "ranker", ["/models/v2"])["serving"] == "/models/v2"
+    assert state.status()["live_replicas"] == {"ranker": 1}
+
+
+def test_ad_updates_are_logged_in_order_for_every_replica():
+    state = ServingState("/models/v1")
+    first = AdUpdate("a", "c", 1.0)
+    assert state.add_ad(first) == 1 and state.add_ad(AdUpdate("b", "c", 2.0)) == 2
+    assert [u.ad_id for u in state.ads_since(0)] == ["a", "b"] and [u.ad_id for u in state.ads_since(1, 2)] == ["b"]
+
+
+def test_a_restarted_replica_keeps_the_reloaded_version_but_a_new_config_rolls_out():
+    state = ServingState("/models/v1")
+    state.begin_rollout("/models/v2")
+    state.poll("enc-1", "user_encoder", ["/models/v2"])
+    assert state.configure("/models/v1")["serving"] == "/models/v2"  # a restart with the app's original args
+    assert state.configure("/models/v3")["target"] == "/models/v3"  # a redeploy naming another version
