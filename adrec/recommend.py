@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from adrec.auction import AuctionResult, Candidate, Marketplace
+from adrec.auction import RULES, AuctionResult, Candidate, Marketplace
 from adrec.data.privacy import pseudonym_key, pseudonymize
 from adrec.eval.calibration import Platt
 from adrec.features import FeatureMap, FeatureSpec, add_history_attributes
@@ -178,18 +178,75 @@ class Catalog:
             self.features[name] = grow(self.features[name], row, encoded[name][0])
         return row
 
-    def candidates(self, rows: np.ndarray, pctr: np.ndarray) -> list[Candidate]:
-        """The auction's view of ``rows`` (N,) with their calibrated pCTR (N,)."""
+    def shortlist(self, rows: np.ndarray, pctr: np.ndarray) -> "Shortlist":
+        """``rows`` (N,) with their calibrated pCTR (N,), best expected revenue (pCTR x bid) first."""
+        order = np.argsort(-(pctr * self.bids[rows]), kind="stable")
+        rows, pctr = rows[order], pctr[order]
+        return Shortlist(
+            ad_ids=[self.ad_ids[r] for r in rows.tolist()],
+            campaigns=[self.campaigns[r] for r in rows.tolist()],
+            bids=self.bids[rows],
+            pctr=pctr,
+            attributes={name: [values[r] for r in rows.tolist()] for name, values in self.attributes.items()},
+        )
+
+
+@dataclass
+class Shortlist:
+    """Ranked ads as columns, best pCTR x bid first: cheap to pass between processes."""
+
+    ad_ids: list[str]
+    campaigns: list[str]
+    bids: np.ndarray  # (N,)
+    pctr: np.ndarray  # (N,)
+    attributes: dict[str, list]
+
+    def __len__(self) -> int:
+        return len(self.ad_ids)
+
+    def candidates(self, start: int, stop: int) -> list[Candidate]:
+        """The auction's view of ranks [start, stop)."""
         return [
             Candidate(
-                ad_id=self.ad_ids[r],
-                campaign_id=self.campaigns[r],
-                bid=float(self.bids[r]),
-                pctr=float(p),
-                attributes={name: values[r] for name, values in self.attributes.items() if values[r] is not None},
+                ad_id=self.ad_ids[i],
+                campaign_id=self.campaigns[i],
+                bid=float(self.bids[i]),
+                pctr=float(self.pctr[i]),
+                attributes={name: values[i] for name, values in self.attributes.items() if values[i] is not None},
             )
-            for r, p in zip(rows.tolist(), pctr.tolist())
+            for i in range(start, min(stop, len(self)))
         ]
+
+
+def auction_rounds(shortlist: Shortlist, k: int):
+    """Feed the auction the shortlist in chunks, best first, until ``k`` ads are chosen.
+
+    Most page views fill k from the first few dozen ads, so sending chunks of about 4x the ads
+    still wanted keeps the call to the shared auction small. A generator, so that the same
+    logic drives a local Marketplace and the remote actor: it yields (candidates, ads wanted),
+    is sent each chunk's AuctionResult, and returns the merged result (StopIteration.value).
+    """
+    results: list[AuctionResult] = []
+    start = 0
+    while start < len(shortlist):
+        wanted = k - sum(len(r.ads) for r in results)
+        if wanted <= 0:
+            break
+        stop = start + max(4 * wanted, 40)
+        results.append((yield shortlist.candidates(start, stop), wanted))
+        start = stop
+    removed = {rule: sum(r.removed[rule] for r in results) for rule in RULES}
+    return AuctionResult(ads=[ad for r in results for ad in r.ads], candidates=len(shortlist), removed=removed)
+
+
+def run_rounds(rounds, call) -> AuctionResult:
+    """Drive ``auction_rounds`` with a synchronous ``call(candidates, wanted) -> AuctionResult``."""
+    try:
+        chunk, wanted = next(rounds)
+        while True:
+            chunk, wanted = rounds.send(call(chunk, wanted))
+    except StopIteration as done:
+        return done.value
 
 
 def encode_ads(feature_map: FeatureMap, update: AdUpdate) -> dict[str, np.ndarray]:
@@ -293,8 +350,8 @@ class RankingSide:
         logits = self.ranker(to_features(inputs, self.ranker.feature_names)).numpy()
         return self.calibration(logits).astype(np.float32)
 
-    def candidates(self, user_features: dict[str, np.ndarray], rows: np.ndarray, tower_scores: np.ndarray) -> list[Candidate]:
-        return self.catalog.candidates(rows, self.pctr(user_features, rows, tower_scores))
+    def shortlist(self, user_features: dict[str, np.ndarray], rows: np.ndarray, tower_scores: np.ndarray) -> Shortlist:
+        return self.catalog.shortlist(rows, self.pctr(user_features, rows, tower_scores))
 
     def apply(self, updates: list[AdUpdate]) -> None:
         for update in updates:
@@ -356,8 +413,9 @@ class LocalRecommender:
         cold = is_cold(self.features, query)
         user = self.users.encode(features)
         ((rows, scores),) = self.retrieval.shortlist(user, max(self.shortlist, k), [cold])
-        candidates = self.ranking.candidates(features, rows, scores)
-        return self.marketplace.run(user_key(query.user_id), {**query.attributes, **query.context}, candidates, k), cold
+        ranked = self.ranking.shortlist(features, rows, scores)
+        key, request = user_key(query.user_id), {**query.attributes, **query.context}
+        return run_rounds(auction_rounds(ranked, k), lambda chunk, wanted: self.marketplace.run(key, request, chunk, wanted)), cold
 
     def upsert_ad(self, update: AdUpdate) -> None:
         self.retrieval.apply([update])

@@ -22,6 +22,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     # Ray Train 2.x patches print() on workers, so each line would show twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     embedded = address is None and "RAY_ADDRESS" not in os.environ
+    if embedded:
+        # Serve's latency set-up (gRPC between replicas, user code on each replica's event loop,
+        # direct ingress): a cluster sets it in its own environment; see README "Serving".
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     store_bytes = int(object_store_mb) * 2**20 if object_store_mb and embedded else None
     # "local" always starts the embedded instance: without it, ray.init() would join whatever
     # cluster a past `ray start` on this machine recorded, even a dead one. ray.address=auto joins it.

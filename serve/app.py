@@ -44,6 +44,7 @@ from adrec.recommend import (
     UserQuery,
     UserSide,
     ad_columns,
+    auction_rounds,
     feature_builder,
     is_cold,
     user_key,
@@ -160,7 +161,9 @@ class RecommendResponse(BaseModel):
     cold_start: bool = Field(description="no history in the request or the log: ranked from features, context and popularity")
     ads: list[RecommendedAd]
     candidates: int
-    removed: dict[str, int] = Field(description="candidates each auction rule removed")
+    removed: dict[str, int] = Field(
+        description="candidates each auction rule removed, of those examined: best pCTR x bid first, until k were chosen"
+    )
 
 
 class AdRequest(Strict):
@@ -297,12 +300,13 @@ class Ranker:
         self.versions = Versions("ranker", RankingSide, state, poll_s)
         self.versions.start(model_dir)
 
-    async def candidates(self, features: dict[str, np.ndarray], shortlist, model_dir: str, updates: int):
+    async def rank(self, features: dict[str, np.ndarray], shortlist, model_dir: str, updates: int):
+        """The index's shortlist -> (Shortlist ranked by pCTR x bid, timing)."""
         rows, scores, timing = shortlist
         side = await self.versions.get(model_dir, updates)
         started = time.perf_counter()
-        candidates = side.candidates(features, rows, scores)
-        return candidates, {**timing, "rank": timed(started), "ranker": "dcn" if side.ranker is not None else "towers"}
+        ranked = side.shortlist(features, rows, scores)
+        return ranked, {**timing, "rank": timed(started)}
 
 
 class IngressSide:
@@ -370,7 +374,7 @@ class Ingress:
             try:
                 encoded = self.encoder.encode.remote(features, model_dir)
                 shortlist = self.index.shortlist.remote(encoded, n, cold, model_dir, updates)
-                return await self.ranker.candidates.remote(features, shortlist, model_dir, updates)
+                return await self.ranker.rank.remote(features, shortlist, model_dir, updates)
             except RayActorError:
                 if attempt == ATTEMPTS - 1:
                     raise
@@ -379,10 +383,17 @@ class Ingress:
     async def run_auction(self, request: RecommendRequest, features: dict, cold: bool, model_dir: str, updates: int):
         """(the auction's result, milliseconds per hop); ``hops`` is the chain's time outside the three model calls."""
         chain = time.perf_counter()
-        candidates, timing = await self.retrieve_and_rank(features, cold, max(self.args.shortlist, request.k), model_dir, updates)
+        ranked, timing = await self.retrieve_and_rank(features, cold, max(self.args.shortlist, request.k), model_dir, updates)
         chain_ms = timed(chain)
         auction = time.perf_counter()
-        result = await self.market.run.remote(user_key(request.user_id), {**request.attributes, **request.context}, candidates, request.k)
+        key, values = user_key(request.user_id), {**request.attributes, **request.context}
+        rounds = auction_rounds(ranked, request.k)
+        try:  # the same rounds as adrec.recommend.run_rounds, each one a call to the shared Marketplace actor
+            chunk, wanted = next(rounds)
+            while True:
+                chunk, wanted = rounds.send(await self.market.run.remote(key, values, chunk, wanted))
+        except StopIteration as done:
+            result = done.value
         hops = chain_ms - timing["encode"] - timing["index"] - timing["rank"]
         return result, {"encode": timing["encode"], "index": timing["index"], "rank": timing["rank"], "hops": round(hops, 3), "auction": timed(auction)}
 

@@ -10,6 +10,7 @@ for key, value in {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # as adrec.runtime.init_ray sets for embedded Ray
 }.items():
     os.environ.setdefault(key, value)
 

@@ -9,7 +9,7 @@ import pytest
 
 from adrec.auction import FrequencyCap, Marketplace
 from adrec.inference import embed
-from adrec.recommend import AdUpdate, LocalRecommender, RankingSide, UserQuery, encode_ads
+from adrec.recommend import AdUpdate, LocalRecommender, RankingSide, Shortlist, UserQuery, auction_rounds, encode_ads, run_rounds
 from adrec.serving_state import ServingState
 
 
@@ -116,3 +116,26 @@ def test_a_restarted_replica_keeps_the_reloaded_version_but_a_new_config_rolls_o
     state.poll("enc-1", "user_encoder", ["/models/v2"])
     assert state.configure("/models/v1")["serving"] == "/models/v2"  # a restart with the app's original args
     assert state.configure("/models/v3")["target"] == "/models/v3"  # a redeploy naming another version
+
+
+def test_the_auction_takes_more_of_the_shortlist_until_k_ads_survive():
+    n = 100
+    shortlist = Shortlist(
+        ad_ids=[f"ad{i}" for i in range(n)],
+        campaigns=["tablets-only" if i < 60 else "open" for i in range(n)],
+        bids=np.ones(n, np.float32),
+        pctr=np.linspace(0.9, 0.1, n).astype(np.float32),
+        attributes={},
+    )
+    market = Marketplace()
+    market.upsert_campaign("tablets-only", targeting={"device": ["tablet"]})
+    calls = []
+
+    def call(chunk, wanted):
+        calls.append(len(chunk))
+        return market.run("user", {"device": "mobile"}, chunk, wanted)
+
+    result = run_rounds(auction_rounds(shortlist, 5), call)
+    assert [ad.ad_id for ad in result.ads] == [f"ad{i}" for i in range(60, 65)]
+    assert result.removed["targeting"] == 60 and result.candidates == n
+    assert calls == [40, 40]  # the first chunk lost every ad, so a second was sent
