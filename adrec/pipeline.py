@@ -1,4 +1,4 @@
-"""The main job's stages in order: generate -> prepare -> train -> evaluate -> export."""
+"""The main job's stages in order: generate -> prepare -> train -> evaluate -> ranker -> export (-> Serve demo)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ def run(cfg) -> dict:
         seconds[name] = round(time.time() - started, 1)
     results["seconds"] = seconds
     print("\n== metrics (test split)\n" + metrics_table(results["evaluate"]), flush=True)
+    if "evaluate_ranker" in results:
+        print("\n== the DCN ranker's metrics (test split)\n" + metrics_table(results["evaluate_ranker"]), flush=True)
     if "export" in results:
         print(f"\n== exported {results['export']['model_dir']}", flush=True)
     print(f"== seconds per stage {seconds}", flush=True)

@@ -13,12 +13,16 @@ and only when ``build_index(threads=...)`` asks for it.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
-import faiss
-import numpy as np
-import torch
+# faiss's loader reports every instruction set it tries at INFO; Ray's logging would print them all.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 # faiss's k-means warns below 39 training points per centroid: fewer leave centroids poorly placed.
 MIN_POINTS_PER_LIST = 39
