@@ -59,18 +59,21 @@ def free_port() -> int:
 
 def grown_catalog(ads: pa.Table, size: int, rng: np.random.Generator) -> pa.Table:
     """``size`` ads recombined from ``ads``: each takes a logged ad's advertiser, campaign and category,
-    and another logged ad's words half the time; ids are new (out of vocabulary, as fresh ads are)."""
+    and each of its words from that ad or, half the time, from another random ad; ids are new
+    (out of vocabulary, as fresh ads are), so the ad tower embeds them from their content."""
     template = rng.integers(0, ads.num_rows, size)
-    words = np.where(rng.random(size) < 0.5, rng.integers(0, ads.num_rows, size), template)
     columns = {
         "raw_ad_id": pa.array([f"bench-{i}" for i in range(size)]),
         "bid": pa.array(rng.lognormal(0, 0.5, size).astype(np.float32)),
     }
     for name in ads.column_names:
-        if name in ("raw_ad_id", "bid"):
-            continue
-        source = words if name == "tokens" else template
-        columns[name] = ads[name].take(pa.array(source))
+        if name not in ("raw_ad_id", "bid", "tokens"):
+            columns[name] = ads[name].take(pa.array(template))
+    words = column_to_numpy(ads["tokens"])  # (A, L) encoded word ids
+    donors = rng.integers(0, ads.num_rows, (size, words.shape[1]))
+    positions = np.arange(words.shape[1])
+    mixed = np.where(rng.random((size, len(positions))) < 0.5, words[template], words[donors, positions])
+    columns["tokens"] = pa.array(list(mixed), pa.list_(pa.int64()))
     columns["ad_id"] = pa.array(np.ones(size, np.int64))  # OOV: the ad tower has never seen these ids
     return pa.table(columns).select(ads.column_names)
 
@@ -246,7 +249,7 @@ def main() -> None:
     verify_manifest(source)
     work = Path(options.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # stdout is the JSON
     serve_port, runs, indexes = free_port(), [], {}
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
     rng = np.random.default_rng(0)
