@@ -25,7 +25,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import ray
@@ -37,6 +37,8 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from adrec.auction import FrequencyCap, Marketplace
+from adrec.feedback.log import SegmentLog
+from adrec.feedback.tokens import Impression, Signer, TokenError
 from adrec.recommend import (
     AdUpdate,
     RankingSide,
@@ -126,6 +128,11 @@ class AppArgs(Strict):
     admin_token: SecretStr | None = Field(None, description="bearer token of PUT /ads and /admin; prefer admin_token_env")
     admin_token_env: str = "ADREC_ADMIN_TOKEN"
     reload_timeout_s: float = Field(120, gt=0)
+    feedback_dir: str | None = Field(None, description="where POST /feedback appends its segments; None: feedback is off")
+    feedback_secret: SecretStr | None = Field(None, description="HMAC key of impression tokens; prefer feedback_secret_env")
+    feedback_secret_env: str = "ADREC_FEEDBACK_SECRET"
+    token_ttl_s: float = Field(7 * 86_400, gt=0, description="how long after serving an impression its feedback is accepted")
+    max_events: int = Field(100, ge=1, description="events per POST /feedback (the body limit applies too)")
     poll_s: float = Field(0.5, gt=0)
     ingress: Replicas = Replicas()
     user_encoder: EncoderArgs = EncoderArgs()
@@ -152,6 +159,7 @@ class RecommendedAd(BaseModel):
     pctr: float
     bid: float
     ecpm: float
+    token: str | None = Field(None, description="signed proof of this impression; feedback events about it carry it")
 
 
 class RecommendResponse(BaseModel):
@@ -172,6 +180,18 @@ class AdRequest(Strict):
     attributes: dict[Id, Id | Annotated[list[Id], Field(max_length=MAX_LIST)]] = Field(default_factory=dict, max_length=MAX_FIELDS)
     budget: float | None = Field(None, ge=0, allow_inf_nan=False, description="the campaign's budget; spend at or above it stops serving")
     targeting: dict[Id, Annotated[list[Id], Field(min_length=1, max_length=MAX_LIST)]] | None = Field(None, max_length=MAX_FIELDS)
+
+
+class FeedbackEvent(Strict):
+    event_id: Id = Field(description="the client's id; a replayed event is stored once")
+    event: Literal["impression", "click", "conversion"]
+    user_id: Id
+    token: Annotated[str, Field(min_length=1, max_length=2048)] = Field(description="the token of the ad, from the /recommend answer")
+    ts: float | None = Field(None, description="when it happened, seconds since the epoch; default: when received")
+
+
+class FeedbackRequest(Strict):
+    events: list[FeedbackEvent] = Field(min_length=1)
 
 
 class ReloadRequest(Strict):
@@ -341,6 +361,7 @@ class Ingress:
         api.state.max_body_bytes = self.args.max_body_bytes
         token = self.args.admin_token.get_secret_value() if self.args.admin_token else os.environ.get(self.args.admin_token_env)
         self.admin_token = token or None
+        self.signer, self.feedback_log = self.feedback_setup()
 
     async def reconfigure(self, user_config: dict) -> None:
         """``user_config: {version: ...}`` in a Serve config rolls out that version, as POST /admin/reload does."""
@@ -348,6 +369,23 @@ class Ingress:
             await self.state.begin_rollout.remote(str(self.version_dir(user_config["version"])))
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def feedback_setup(self) -> tuple[Signer | None, SegmentLog | None]:
+        """The token signer (when a secret is configured) and this replica's segment writer (when a feedback_dir is)."""
+        args = self.args
+        secret = args.feedback_secret.get_secret_value() if args.feedback_secret else os.environ.get(args.feedback_secret_env)
+        signer = Signer(secret.encode(), args.token_ttl_s) if secret else None
+        log = None
+        if signer is not None and args.feedback_dir:
+            log = SegmentLog(resolve(args.feedback_dir), f"{self.versions.replica}-{os.getpid()}")
+        return signer, log
+
+    def sign(self, request: RecommendRequest, request_id: str, version: str, ad) -> str | None:
+        if self.signer is None:
+            return None
+        impression = Impression(request_id, user_key(request.user_id), ad.ad_id, version, time.time(),
+                                request.context.get("slot"), request.context.get("device"))
+        return self.signer.sign(impression)
 
     def require_admin(self, authorization: str | None) -> None:
         if self.admin_token is None:
@@ -433,12 +471,13 @@ class Ingress:
             raise HTTPException(503, detail=f"no answer within {budget_s * 1000:.0f} ms (deadline_ms / tmax_ms); serve a fallback and retry later")
         timing = {"features": feature_ms, **timing, "total": timed(started)}
         response.headers["Server-Timing"] = ", ".join(f"{name};dur={value:.2f}" for name, value in timing.items())
+        request_id = uuid.uuid4().hex
         return RecommendResponse(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id,
             user_id=request.user_id,
             model_version=side.version,
             cold_start=cold,
-            ads=[RecommendedAd(**vars(ad)) for ad in result.ads],
+            ads=[RecommendedAd(**vars(ad), token=self.sign(request, request_id, side.version, ad)) for ad in result.ads],
             candidates=result.candidates,
             removed=result.removed,
         )
@@ -459,6 +498,32 @@ class Ingress:
         self.versions.view["updates"] = max(self.versions.view["updates"], updates)  # this replica reads its own write
         indexed = await self.index.describe.remote(model_dir, updates, ad_id)
         return {"ad_id": ad_id, "ad_updates": updates, "index_size": indexed["size"], "model_version": side.version}
+
+    @api.post("/feedback")
+    async def feedback(self, body: FeedbackRequest) -> dict:
+        """Impressions, clicks and conversions of served ads. Answered only once the events are on
+        disk (fsync'd); every event needs its ad's valid, unexpired token, or the batch gets 403."""
+        if self.feedback_log is None:
+            raise HTTPException(503, detail="feedback is off: set args.feedback_dir and ADREC_FEEDBACK_SECRET (or args.feedback_secret)")
+        if len(body.events) > self.args.max_events:
+            raise too_large("events", f"{len(body.events)} events; at most {self.args.max_events} per request")
+        now = time.time()
+        records, refused = [], []
+        for i, event in enumerate(body.events):
+            try:
+                impression = self.signer.verify(event.token, now)
+                if impression.user != user_key(event.user_id):
+                    raise TokenError("the token was issued for another user")
+            except TokenError as error:
+                refused.append({"loc": ["body", "events", i, "token"], "msg": str(error)})
+                continue
+            records.append({**vars(impression), "served_ts": impression.ts, "impression_id": impression.impression_id,
+                            "event_id": event.event_id, "event": event.event, "user_id": event.user_id,
+                            "ts": event.ts if event.ts is not None else now})
+        if refused:
+            raise HTTPException(403, detail=refused)
+        await asyncio.to_thread(self.feedback_log.append, records)  # fsync off the event loop
+        return {"accepted": len(records)}
 
     @api.get("/model")
     async def model(self) -> dict:
@@ -500,6 +565,10 @@ def build_app(args: AppArgs) -> serve.Application:
     ranker = Ranker.options(**args.ranker.options()).bind(model_dir, args.poll_s)
     settings = args.model_dump(mode="json")
     settings["model_dir"] = model_dir
+    if args.feedback_dir:
+        settings["feedback_dir"] = resolve(args.feedback_dir)  # replicas' working directories differ
+    if args.feedback_secret is not None:
+        settings["feedback_secret"] = args.feedback_secret.get_secret_value()
     if args.admin_token is not None:
         settings["admin_token"] = args.admin_token.get_secret_value()
     return Ingress.options(**args.ingress.options()).bind(encoder, index, ranker, settings)

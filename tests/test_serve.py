@@ -16,8 +16,10 @@ import yaml
 from ray import serve
 
 from adrec import export
+from adrec.feedback.compact import run_compaction
+from adrec.feedback.tokens import Impression, Signer
 from adrec.features import OOV, FeatureMap
-from adrec.recommend import FeatureBuilder, RetrievalSide, UserQuery, UserStore, feature_builder
+from adrec.recommend import FeatureBuilder, UserQuery, UserStore, feature_builder, user_key
 from serve.app import AppArgs, build_app, shutdown
 
 pytestmark = pytest.mark.slow
@@ -25,6 +27,8 @@ MAX_K = 20
 TOKEN = "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 CAP = 2  # impressions of one ad per user per hour
+SECRET = "a-feedback-secret-for-the-tests-only"
+TOKEN_TTL_S = 600
 
 
 def free_port() -> int:
@@ -34,7 +38,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_run):
+def feedback_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feedback")
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_run, feedback_dir):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     models_root = tiny_run["cfg"].paths.models_dir  # a registry root: LATEST picks the version
@@ -46,6 +55,9 @@ def app_url(tiny_run):
         poll_s=0.2,
         frequency_cap={"max_impressions": CAP, "window_s": 3600},
         user_encoder={"min_replicas": 2, "max_replicas": 2},  # two, so one can be killed under load
+        feedback_dir=str(feedback_dir),
+        feedback_secret=SECRET,
+        token_ttl_s=TOKEN_TTL_S,
     )
     serve.run(build_app(args), name="adrec", route_prefix="/", logging_config={"enable_access_log": False})
     yield f"http://127.0.0.1:{port}"
@@ -298,6 +310,68 @@ def test_a_reload_under_load_swaps_the_version_and_fails_no_request(app_url, tin
     assert recommend(app_url, user_id="after-reload", k=3)["model_version"] == second["version"]
     missing = httpx.post(f"{app_url}/admin/reload", json={"version": "v-none"}, headers=ADMIN, timeout=30)
     assert missing.status_code == 422 and "version" in missing.json()["detail"][0]["loc"]
+
+
+def feedback(app_url: str, events: list[dict]) -> httpx.Response:
+    return httpx.post(f"{app_url}/feedback", json={"events": events}, timeout=60)
+
+
+def test_feedback_needs_a_valid_token_for_the_same_user(app_url):
+    ad = recommend(app_url, user_id="fb-user", k=1)["ads"][0]
+    click = {"event_id": "fb-click-1", "event": "click", "user_id": "fb-user", "token": ad["token"]}
+    assert feedback(app_url, [click]).json() == {"accepted": 1}
+    payload, mac = ad["token"].split(".")
+    edited = Signer(b"another-secret-of-enough-length", TOKEN_TTL_S).sign(
+        Impression("r", user_key("fb-user"), "a-expensive", "v", time.time())).split(".")[0]
+    expired = Signer(SECRET.encode(), TOKEN_TTL_S).sign(Impression("r", user_key("fb-user"), ad["ad_id"], "v", time.time() - 2 * TOKEN_TTL_S))
+    for token, reason in [(f"{edited}.{mac}", "invalid"), (expired, "expired"), ("garbage", "malformed")]:
+        answer = feedback(app_url, [click, {**click, "event_id": "fb-bad", "token": token}])
+        assert answer.status_code == 403 and reason in answer.json()["detail"][0]["msg"]
+        assert answer.json()["detail"][0]["loc"] == ["body", "events", 1, "token"]  # and nothing of the batch was written
+    other_user = feedback(app_url, [{**click, "user_id": "someone-else"}])
+    assert other_user.status_code == 403 and "another user" in other_user.json()["detail"][0]["msg"]
+    assert feedback(app_url, [{**click, "event": "purchase"}]).status_code == 422
+
+
+def test_killing_the_ingress_while_clients_post_feedback_loses_no_acknowledged_event(app_url, feedback_dir, tmp_path):
+    tokens = [ad["token"] for ad in recommend(app_url, user_id="fb-load", k=10)["ads"]]
+    acked, stop = [], threading.Event()
+
+    def client(c: int) -> None:
+        with httpx.Client(timeout=30) as http:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                ids = [f"load-{c}-{n}-{i}" for i in range(5)]
+                events = [{"event_id": e, "event": "click", "user_id": "fb-load", "token": tokens[i % len(tokens)]} for i, e in enumerate(ids)]
+                try:
+                    if http.post(f"{app_url}/feedback", json={"events": events}).status_code == 200:
+                        acked.extend(ids)
+                except httpx.HTTPError:
+                    pass  # not acknowledged: an at-least-once client would retry it
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    (ingress,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "Ingress" in a["name"] and a["namespace"] == "serve"]
+    ray.kill(ray.get_actor(ingress, namespace="serve"), no_restart=True)
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # Serve brings a new ingress up
+        try:
+            if httpx.get(f"{app_url}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    counts = run_compaction(feedback_dir, tmp_path / "raw", attribution_window_s=3600)
+    ids = pq.read_table(tmp_path / "raw" / "events")["event_id"].to_pylist()
+    assert len(acked) > 20 and set(acked) <= set(ids), sorted(set(acked) - set(ids))[:5]
+    assert len(ids) == len(set(ids)) and counts["clicks"] == len([i for i in ids if i.startswith(("load-", "fb-click"))])
 
 
 def test_serve_config_yaml_is_a_valid_app():

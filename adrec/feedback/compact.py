@@ -1,0 +1,120 @@
+"""Compaction: feedback segments -> a Parquet partition of the behaviour log (adrec.data.schema.EVENTS).
+
+* Exactly once: records are deduplicated by event_id, within the batch and against the
+  partitions already written (clients post at least once; a replayed batch adds nothing).
+* An impression's log event_id is its token's impression id (request id : ad id), the id its
+  clicks name in ``impression_id``; a click whose impression was never posted still proves it
+  was served, so its impression row is written from the click's token.
+* Attribution: a click or conversion joins its impression when it comes within
+  ``attribution_window_s`` of it. Later ones are kept apart in ``late/`` and counted, not lost.
+* ``compaction.json`` records how many bytes of each segment were compacted, so the next run
+  reads only what was appended since, even from segments still being written. It is saved
+  after the partition: a crash in between re-reads records that deduplication then drops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from adrec.data import schema
+from adrec.feedback.log import read_new_records, segments
+from adrec.runtime import read_json
+
+PARTITION_PREFIX = "part-feedback-"
+
+
+def logged_ids(events_dir: Path, late_dir: Path) -> set[str]:
+    """event_ids of the feedback partitions (and late events) already written."""
+    files = sorted(events_dir.glob(f"{PARTITION_PREFIX}*.parquet")) + sorted(late_dir.glob("*.parquet"))
+    return {i for f in files for i in pq.read_table(f, columns=["event_id"])["event_id"].to_pylist()}
+
+
+def save_offsets(path: Path, offsets: dict[str, int]) -> None:
+    """Atomically (a temporary file renamed over the old one), so a crash never leaves half a state."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"offsets": offsets}, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def impression_row(record: dict) -> dict:
+    return {
+        "event_id": record["impression_id"],
+        "ts": datetime.fromtimestamp(record["served_ts"], timezone.utc),
+        "user_id": record["user_id"],
+        "ad_id": record["ad_id"],
+        "event": "impression",
+        "impression_id": None,
+        "slot": record.get("slot"),
+        "device": record.get("device"),
+        "true_pctr": None,
+    }
+
+
+def response_row(record: dict) -> dict:
+    return {**impression_row(record), "event_id": record["event_id"], "ts": datetime.fromtimestamp(record["ts"], timezone.utc),
+            "event": record["event"], "impression_id": record["impression_id"]}
+
+
+def split_rows(records: list[dict], already: set[str], window_s: float) -> tuple[list[dict], list[dict], dict]:
+    """(log rows, late rows, counts) from deduplicated records."""
+    rows, late, seen = [], [], set(already)
+    counts = {"records": len(records), "duplicates": 0, "impressions": 0, "clicks": 0, "conversions": 0, "late": 0}
+    for record in records:
+        key = record["impression_id"] if record["event"] == "impression" else record["event_id"]
+        if key in seen:
+            counts["duplicates"] += 1
+            continue
+        seen.add(key)
+        if record["event"] == "impression":
+            rows.append(impression_row(record))
+            counts["impressions"] += 1
+            continue
+        if record["ts"] - record["served_ts"] > window_s:
+            late.append(response_row(record))
+            counts["late"] += 1
+            continue
+        if record["impression_id"] not in seen:  # the impression itself was never posted: the token proves it
+            seen.add(record["impression_id"])
+            rows.append(impression_row(record))
+            counts["impressions"] += 1
+        rows.append(response_row(record))
+        counts[record["event"] + "s"] += 1
+    return rows, late, counts
+
+
+def run_compaction(feedback_dir: str | Path, raw_dir: str | Path, attribution_window_s: float) -> dict:
+    """Compact every uncompacted segment of ``feedback_dir`` into ``raw_dir/events/``; return the counts."""
+    feedback_dir, events_dir = Path(feedback_dir), Path(raw_dir) / "events"
+    events_dir.mkdir(parents=True, exist_ok=True)
+    feedback_dir.mkdir(parents=True, exist_ok=True)  # no feedback yet is a normal state: nothing to compact
+    state_path = feedback_dir / "compaction.json"
+    offsets = read_json(state_path)["offsets"] if state_path.is_file() else {}
+    records, offsets = read_new_records(segments(feedback_dir), offsets)
+    rows, late, counts = split_rows(records, logged_ids(events_dir, feedback_dir / "late"), attribution_window_s)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**6:06d}"
+    if rows:
+        # Written under a temporary name and renamed, so a reader never sees half a partition.
+        path = events_dir / f"{PARTITION_PREFIX}{stamp}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema.EVENTS), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+        counts["partition"] = str(path)
+    if late:
+        (feedback_dir / "late").mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(late, schema=schema.EVENTS), feedback_dir / "late" / f"late-{stamp}.parquet")
+    save_offsets(state_path, offsets)
+    counts["segments"] = len(offsets)
+    return counts
+
+
+def run(cfg) -> dict:
+    """jobs/compact.py: compact ``paths.feedback_dir`` into ``paths.raw_dir``."""
+    from adrec.runtime import resolve
+
+    return run_compaction(resolve(cfg.paths.feedback_dir), resolve(cfg.paths.raw_dir), float(cfg.feedback.attribution_window_s))
