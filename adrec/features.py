@@ -59,6 +59,19 @@ class Vocabulary:
         dropped = sum(c for v, c in counts.items() if c < min_count or v is None)
         return cls(values=[v for v, _ in kept], min_count=min_count, counts=[c for _, c in kept], oov_count=dropped)
 
+    def extend(self, counts: dict[str, int], min_count: int) -> "Vocabulary":
+        """This vocabulary's values at their own indices, then the new values seen ``min_count`` times
+        (by count, then value). A model warm-started across the growth keeps every old row; new
+        users and ads get rows of their own instead of sharing OOV."""
+        known = set(self.values)
+        grown = Vocabulary.fit({v: c for v, c in counts.items() if v not in known}, min_count)
+        return Vocabulary(
+            values=self.values + grown.values,
+            min_count=min_count,
+            counts=[counts.get(v, 0) for v in self.values] + grown.counts,
+            oov_count=grown.oov_count,
+        )
+
     def frequencies(self) -> np.ndarray | None:
         """(cardinality,) share of training rows per index (PAD 0, OOV the dropped values); None without counts."""
         if self.counts is None:

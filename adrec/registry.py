@@ -164,6 +164,43 @@ def check_same_features(checkpoint: str | Path, prepared_dir: str | Path) -> Non
         )
 
 
+def check_grows_from(checkpoint: str | Path, prepared_dir: str | Path) -> None:
+    """Raise unless ``prepared_dir``'s feature map is the checkpoint's, or grows it: the same features,
+    every vocabulary's old values first at their own indices (``data.prepare.base_feature_map``)."""
+    from adrec.features import FeatureMap
+
+    old = FeatureMap.load(Path(checkpoint) / FEATURE_MAP)
+    new = FeatureMap.load(Path(prepared_dir) / FEATURE_MAP)
+    hint = "prepare with data.prepare.base_feature_map set to the checkpoint's feature_map.json to warm-start across new data"
+    if [(f.name, f.kind, f.group, f.vocabulary, f.boundaries) for f in old.features] != [
+        (f.name, f.kind, f.group, f.vocabulary, f.boundaries) for f in new.features
+    ]:
+        raise ArtifactError(f"{prepared_dir} has other features than {checkpoint}: {hint}")
+    for name, vocabulary in old.vocabularies.items():
+        grown = new.vocabularies.get(name)
+        if grown is None or grown.values[: len(vocabulary.values)] != vocabulary.values:
+            raise ArtifactError(f"vocabulary {name!r} of {prepared_dir} moves the checkpoint's ids: {hint}")
+
+
+def load_grown(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``weights`` into ``model`` whose id tables may have more rows (a grown vocabulary):
+    old rows are copied, new rows keep their fresh initialisation. Returns the grown tensors' names."""
+    state = model.state_dict()
+    grown = []
+    for name, value in weights.items():
+        target = state.get(name)
+        if target is None:
+            raise ArtifactError(f"the checkpoint has {name}, which this model does not: another architecture")
+        if target.shape != value.shape:
+            if target.shape[1:] != value.shape[1:] or target.shape[0] < value.shape[0]:
+                raise ArtifactError(f"{name} is {tuple(value.shape)} in the checkpoint and {tuple(target.shape)} here: only id tables may grow")
+            value = torch.cat([value, target[value.shape[0]:]])
+            grown.append(name)
+        state[name] = value
+    model.load_state_dict(state)
+    return grown
+
+
 def new_version() -> str:
     return time.strftime("v%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000:06d}"
 

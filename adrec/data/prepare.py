@@ -350,7 +350,11 @@ def labelled_examples(kept, cfg, columns: dict, rule: SplitRule, partitions: int
 
 
 def fit_feature_map(examples: Path, specs: list[FeatureSpec], cfg, metadata: dict) -> FeatureMap:
-    """Vocabularies and quantile boundaries from the training split (distributed per block, merged here)."""
+    """Vocabularies and quantile boundaries from the training split (distributed per block, merged here).
+
+    With ``data.prepare.base_feature_map`` (a serving model's map, for retraining), vocabularies
+    grow from it, old values keeping their indices, and bucket boundaries stay its own.
+    """
     vocab_columns = sorted({s.vocabulary for s in specs if s.vocabulary and s.kind in ("categorical", "sequence")})
     numeric = [s.column for s in specs if s.kind == "bucket"]
     train = staged(examples, ["split", *vocab_columns, *numeric]).map_batches(
@@ -359,13 +363,21 @@ def fit_feature_map(examples: Path, specs: list[FeatureSpec], cfg, metadata: dic
     counts = merge_counts(train.map_batches(count_values, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"columns": vocab_columns})) if vocab_columns else {}
     options = feature_options(cfg)
     min_count = lambda name: int(options.get(name, {}).get("min_count", cfg.data.prepare.min_count))  # noqa: E731
-    vocabularies = {name: Vocabulary.fit(counts.get(name, {}), min_count(name)) for name in vocab_columns}
+    base = FeatureMap.load(resolve(cfg.data.prepare.base_feature_map)) if cfg.data.prepare.get("base_feature_map") else None
+    vocabularies = {
+        name: base.vocabularies[name].extend(counts.get(name, {}), min_count(name))
+        if base is not None and name in base.vocabularies
+        else Vocabulary.fit(counts.get(name, {}), min_count(name))
+        for name in vocab_columns
+    }
     if numeric:
         samples = ray.get(train.map_batches(sample_numbers, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"columns": numeric, "seed": int(cfg.seed)}).to_arrow_refs())
         pooled = pa.concat_tables(samples)
         fitted = []
         for spec in specs:
-            if spec.kind == "bucket":
+            if spec.kind == "bucket" and base is not None and spec.name in {f.name for f in base.features}:
+                spec = FeatureSpec(**{**vars(spec), "boundaries": base.spec(spec.name).boundaries})  # bucket ids must not move
+            elif spec.kind == "bucket":
                 values = pooled.filter(pc.equal(pooled["feature"], spec.column))["value"].to_numpy()
                 quantiles = int(options[spec.column]["quantiles"])
                 edges = np.unique(np.quantile(values, np.linspace(0, 1, quantiles + 1)[1:-1])) if len(values) else np.array([])

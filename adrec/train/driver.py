@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 from adrec.data.sources import ParquetFiles, list_files
 from adrec.data.staging import parquet_rows
 from adrec.features import FeatureMap
-from adrec.registry import check_same_features, verify_manifest
+from adrec.registry import check_grows_from, verify_manifest
 from adrec.runtime import init_ray_from, require, resolve, write_json
 from adrec.train.loop import train_loop_per_worker
 
@@ -52,14 +52,14 @@ def scaling_config(t) -> ScalingConfig:
 
 
 def warm_start(path: str | None, prepared: Path) -> str | None:
-    """``trainer.resume_from`` checked: an intact checkpoint trained on this feature map."""
+    """``trainer.resume_from`` checked: an intact checkpoint trained on this feature map, or on one it grows."""
     if not path:
         return None
     directory = Path(resolve(path))
     if not directory.is_dir():
         raise FileNotFoundError(f"trainer.resume_from={path}: no such checkpoint directory")
     verify_manifest(directory)  # a corrupt or tampered checkpoint stops here, before any worker starts
-    check_same_features(directory, prepared)
+    check_grows_from(directory, prepared)
     return str(directory)
 
 

@@ -34,7 +34,7 @@ from adrec.eval.metrics import auc, logloss
 from adrec.features import FeatureMap
 from adrec.inference import to_features
 from adrec.models import build_model
-from adrec.registry import load_training_state, save_checkpoint
+from adrec.registry import load_grown, load_training_state, save_checkpoint
 from adrec.train.losses import LossConfig, candidate_log_q, in_batch_softmax
 from adrec.train.monitor import EpochLog
 from adrec.train.optim import SparseDenseAdam, build_optimizer
@@ -172,8 +172,8 @@ def restore(model: nn.Module, optimizer: SparseDenseAdam, config: dict) -> dict:
         return progress
     if config.get("resume_from"):
         weights, _, _ = load_training_state(config["resume_from"])
-        model.load_state_dict(weights)
-        log.info("warm-started from %s", config["resume_from"])
+        grown = load_grown(model, weights)  # new users and ads: new rows; every old row as trained
+        log.info("warm-started from %s (grown tables: %s)", config["resume_from"], grown or "none")
     return {}
 
 

@@ -1,0 +1,67 @@
+"""Retraining on new data: vocabularies grow without moving old ids, and a warm start keeps old rows."""
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adrec.features import FeatureMap, Vocabulary
+from adrec.models.towers import EmbeddingMLPTower
+from adrec.registry import ArtifactError, load_grown
+from tests.conftest import compose_config
+
+
+def test_a_grown_vocabulary_keeps_old_values_at_their_ids():
+    old = Vocabulary.fit({"u1": 5, "u2": 9, "u3": 1}, min_count=2)
+    grown = old.extend({"u1": 1, "u4": 7, "u5": 3, "u6": 1}, min_count=2)
+    assert grown.values[: len(old.values)] == old.values == ["u2", "u1"]
+    assert grown.values[2:] == ["u4", "u5"] and grown.counts == [0, 1, 7, 3]
+    ids = pa.array(["u1", "u2", "u4", "u6"])
+    assert grown.encode(ids)[:2].tolist() == old.encode(ids)[:2].tolist()
+    assert grown.encode(ids)[2] == 4 and old.encode(ids)[2] == grown.encode(ids)[3] == 1  # new to old: OOV; rare: OOV
+
+
+def tower(users: int) -> EmbeddingMLPTower:
+    return EmbeddingMLPTower({"user_id": users}, {}, embedding_dim=4, hidden_dims=[8], output_dim=4)
+
+
+def test_a_warm_start_copies_old_rows_into_grown_tables():
+    torch.manual_seed(0)
+    old, new = tower(10), tower(15)
+    fresh = new.embeddings["user_id"].weight.detach().clone()
+    assert load_grown(new, old.state_dict()) == ["embeddings.user_id.weight"]
+    table = new.embeddings["user_id"].weight.detach()
+    assert torch.equal(table[:10], old.embeddings["user_id"].weight) and torch.equal(table[10:], fresh[10:])
+    assert torch.equal(new.mlp[0].weight, old.mlp[0].weight)
+    with pytest.raises(ArtifactError, match="only id tables may grow"):
+        load_grown(tower(5), old.state_dict())
+
+
+@pytest.mark.slow
+def test_retraining_on_a_log_with_new_users_grows_their_rows_and_keeps_the_old(tiny_run, tmp_path):
+    champion = Path(tiny_run["train"]["best_checkpoint"])
+    cfg = compose_config(
+        tmp_path,
+        "data.generator.num_users=650",  # u500..u649 are new
+        "data.generator.seed=11",
+        f"data.prepare.base_feature_map={champion / 'feature_map.json'}",
+        f"trainer.resume_from={champion}",
+        "trainer.epochs=1",
+        "trainer.lr=0",  # nothing moves: what the warm start loaded is what the checkpoint holds
+        "trainer.num_workers=1",
+    )
+    from adrec.data import prepare, synthetic
+    from adrec.train import driver
+
+    synthetic.run(cfg)
+    prepare.run(cfg)
+    old_map, new_map = FeatureMap.load(champion / "feature_map.json"), FeatureMap.load(Path(cfg.paths.prepared_dir) / "feature_map.json")
+    old_users, new_users = old_map.vocabularies["user_id"].values, new_map.vocabularies["user_id"].values
+    assert new_users[: len(old_users)] == old_users and len(new_users) > len(old_users)
+    retrained = Path(driver.run(cfg)["best_checkpoint"])
+    before, after = load_file(champion / "model.safetensors"), load_file(retrained / "model.safetensors")
+    name = "user_tower.embeddings.user_id.weight"
+    assert after[name].shape[0] == new_map.cardinality("user_id") > before[name].shape[0]
+    assert torch.equal(after[name][: before[name].shape[0]], before[name])
