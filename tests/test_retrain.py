@@ -65,3 +65,35 @@ def test_retraining_on_a_log_with_new_users_grows_their_rows_and_keeps_the_old(t
     name = "user_tower.embeddings.user_id.weight"
     assert after[name].shape[0] == new_map.cardinality("user_id") > before[name].shape[0]
     assert torch.equal(after[name][: before[name].shape[0]], before[name])
+
+
+@pytest.mark.slow
+def test_retrain_compacts_feedback_challenges_the_serving_version_and_promotes_it(tiny_run, tmp_path):
+    import shutil
+
+    from adrec.feedback import retrain
+    from adrec.feedback.log import SegmentLog
+    from adrec.feedback.tokens import Impression
+    from adrec.recommend import user_key
+    from adrec.registry import LATEST
+
+    shutil.copytree(tiny_run["cfg"].paths.raw_dir, tmp_path / "raw")  # compaction appends to the log
+    shutil.copytree(tiny_run["cfg"].paths.models_dir, tmp_path / "models")  # promotion moves LATEST
+    served = Impression("req-1", user_key("u3"), "a1", tiny_run["export"]["version"], 1_769_500_000.0, "top", "mobile")  # within the log's days
+    record = {**vars(served), "served_ts": served.ts, "impression_id": served.impression_id, "user_id": "u3"}
+    SegmentLog(tmp_path / "feedback", "test").append(
+        [{**record, "event_id": "fb-imp", "event": "impression", "ts": served.ts},
+         {**record, "event_id": "fb-click", "event": "click", "ts": served.ts + 30}]
+    )
+    cfg = compose_config(tmp_path, "retrain.epochs=1", "retrain.margin=-1.0")  # any challenger wins: the promotion path
+    report = retrain.run(cfg)
+
+    assert report["champion"] == tiny_run["export"]["version"]
+    assert (report["compaction"]["impressions"], report["compaction"]["clicks"]) == (1, 1)
+    for model in ("towers", "ranker"):  # the champion ships a ranker, so both are challenged
+        assert {"challenger", "champion"} == set(report[model]) and report[model]["champion"]["auc"] > 0.5
+    decision = report["decision"]
+    assert decision["gain"] == pytest.approx(report["ranker"]["challenger"]["auc"] - report["ranker"]["champion"]["auc"])
+    assert decision["promote"] and report["exported"]["ranker"]
+    assert (tmp_path / "models" / LATEST).read_text().strip() == report["exported"]["version"] != report["champion"]
+    assert (Path(report["work_dir"]) / "report.json").is_file()
