@@ -125,6 +125,7 @@ class AppArgs(Strict):
     shortlist: int = Field(200, ge=1, description="ads retrieved by U . V and re-ranked")
     popular: int = Field(50, ge=0, description="popular ads added to a cold user's shortlist")
     frequency_cap: CapArgs = CapArgs()
+    explore: float = Field(0.0, ge=0, le=1, description="share of slots given to a random eligible ad (epsilon-greedy), propensity logged")
     admin_token: SecretStr | None = Field(None, description="bearer token of PUT /ads and /admin; prefer admin_token_env")
     admin_token_env: str = "ADREC_ADMIN_TOKEN"
     reload_timeout_s: float = Field(120, gt=0)
@@ -159,6 +160,7 @@ class RecommendedAd(BaseModel):
     pctr: float
     bid: float
     ecpm: float
+    propensity: float = Field(description="probability the auction gave this ad its slot (1 without exploration)")
     token: str | None = Field(None, description="signed proof of this impression; feedback events about it carry it")
 
 
@@ -338,11 +340,11 @@ class IngressSide:
         self.ad_columns = [c for c in ad_columns(self.features.feature_map) if c != "campaign_id"]
 
 
-def market_actor(app_name: str, cap: CapArgs):
+def market_actor(app_name: str, cap: CapArgs, explore: float):
     """The app's one Marketplace: budgets and frequency caps stay exact however many replicas ask."""
     remote = ray.remote(num_cpus=0, max_restarts=-1)(Marketplace)
     return remote.options(name=f"{app_name}-market", namespace=STATE_NAMESPACE, lifetime="detached", get_if_exists=True).remote(
-        FrequencyCap(cap.max_impressions, cap.window_s)
+        FrequencyCap(cap.max_impressions, cap.window_s), explore=explore
     )
 
 
@@ -354,7 +356,7 @@ class Ingress:
         self.encoder, self.index, self.ranker = encoder, index, ranker
         app_name = serve.get_replica_context().app_name
         self.state = state_actor(app_name, self.args.model_dir)
-        self.market = market_actor(app_name, self.args.frequency_cap)
+        self.market = market_actor(app_name, self.args.frequency_cap, self.args.explore)
         self.versions = Versions("ingress", IngressSide, self.state, self.args.poll_s)
         self.versions.start(self.args.model_dir)
         self.registry = Path(self.args.model_dir).parent
@@ -384,7 +386,7 @@ class Ingress:
         if self.signer is None:
             return None
         impression = Impression(request_id, user_key(request.user_id), ad.ad_id, version, time.time(),
-                                request.context.get("slot"), request.context.get("device"))
+                                request.context.get("slot"), request.context.get("device"), ad.propensity)
         return self.signer.sign(impression)
 
     def require_admin(self, authorization: str | None) -> None:

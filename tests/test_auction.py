@@ -329,3 +329,21 @@ def test_a_ray_actor_keeps_the_cap_exact_under_concurrent_calls(ray_session):
         assert snapshot["tracked_pairs"] == 1
     finally:
         ray.kill(market)
+
+
+def test_exploration_shows_other_ads_with_the_probability_it_logs():
+    candidates = [Candidate(f"ad{i}", "c", bid=1.0, pctr=0.5 - 0.01 * i) for i in range(10)]
+    greedy = Marketplace(explore=0.0).run("u", {}, candidates, 1)
+    assert greedy.ads[0].ad_id == "ad0" and greedy.ads[0].propensity == 1.0
+    market = Marketplace(explore=0.5, seed=3)
+    firsts = [market.run(f"u{i}", {}, candidates, 1).ads[0] for i in range(4000)]
+    top = [w for w in firsts if w.ad_id == "ad0"]
+    assert {w.propensity for w in top} == {0.5 + 0.5 / 10}
+    assert {w.propensity for w in firsts if w.ad_id != "ad0"} == {0.5 / 10}
+    assert len(top) / len(firsts) == pytest.approx(0.55, abs=0.03)  # what the logged propensity says
+    # IPS: summing 1 / propensity over one ad's impressions estimates how often a policy that always
+    # showed it would have shown it, which is once per draw.
+    weighted = sum(1 / w.propensity for w in firsts if w.ad_id == "ad3") / len(firsts)
+    assert weighted == pytest.approx(1.0, abs=0.15)
+    with pytest.raises(ValueError, match="explore"):
+        Marketplace(explore=1.5)

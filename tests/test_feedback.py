@@ -17,7 +17,7 @@ SERVED = 1_800_000_000.0
 
 
 def impression(ad: str = "a1", request: str = "r1", user: str = "u1", ts: float = SERVED) -> Impression:
-    return Impression(request, user_key(user), ad, "v1", ts, "top", "mobile")
+    return Impression(request, user_key(user), ad, "v1", ts, "top", "mobile", propensity=0.25)
 
 
 def test_a_token_proves_what_was_served_and_nothing_else():
@@ -75,6 +75,8 @@ def test_compaction_writes_each_event_once_and_keeps_late_clicks_apart(tmp_path)
     rows = {r["event_id"]: r for r in table.to_pylist()}
     assert rows["e2"]["impression_id"] == "r1:a1" and "r1:a1" in rows and "r2:a2" in rows
     assert len(pq.read_table(feedback / "late").to_pylist()) == 1
+    served = {r["impression_id"]: r["propensity"] for r in pq.read_table(raw / "propensities").to_pylist()}
+    assert served == {"r1:a1": 0.25, "r2:a2": 0.25}  # as each token said
 
     log.append(batch)  # replayed again after compaction
     log.append([record("click", "e5", SERVED + 20, first)])

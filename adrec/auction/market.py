@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
@@ -86,6 +87,7 @@ class Winner:
     pctr: float
     bid: float
     ecpm: float
+    propensity: float = 1.0  # probability this ad was chosen for its slot: the IPS weight's denominator
 
 
 @dataclass
@@ -199,6 +201,10 @@ class Marketplace:
     way a budget is checked before each impression, so spend can pass it by at most one
     impression's charge (or one ``charge`` call): the last one made while spend was under budget.
 
+    ``explore``: the share of slots given to a uniformly drawn survivor instead of the best
+    (epsilon-greedy); every winner carries the probability it had of being chosen for its slot,
+    ``propensity``, which the impression logs for off-policy (IPS) estimates. ``seed`` fixes the draws.
+
     ``user_key`` is the caller's pseudonym for the user; it is kept only as part of the
     frequency-cap key, never logged. ``sweep_every`` and ``sweep_size`` tune when expired
     impressions are swept (see ``ImpressionLog``).
@@ -210,9 +216,14 @@ class Marketplace:
         charge_per_impression: str = "expected_cpc",
         clock: Callable[[], float] = time.time,
         *,
+        explore: float = 0.0,
+        seed: int | None = None,
         sweep_every: int = 10_000,
         sweep_size: int = 100_000,
     ) -> None:
+        check_number("explore", explore, low=0.0, high=1.0)
+        self.explore = float(explore)
+        self.rng = random.Random(seed)
         if charge_per_impression not in CHARGE_MODES:
             raise ValueError(f"charge_per_impression must be one of {CHARGE_MODES}, got {charge_per_impression!r}")
         if sweep_every < 1 or sweep_size < 1:
@@ -273,14 +284,17 @@ class Marketplace:
 
         survivors.sort(key=lambda c: (-c.expected_cpi, -c.pctr, c.ad_id))
         winners: list[Winner] = []
-        for candidate in survivors:
-            if len(winners) == k:
-                break
+        while survivors and len(winners) < k:
+            # Epsilon-greedy: a share ``explore`` of slots goes to a uniformly drawn survivor, so ads
+            # the model underrates still get impressions; each logs the probability it had.
+            pick = self.rng.randrange(len(survivors)) if self.explore and self.rng.random() < self.explore else 0
+            propensity = (1.0 - self.explore) * (pick == 0) + self.explore / len(survivors)
+            candidate = survivors.pop(pick)
             campaign = self.campaigns[candidate.campaign_id]
             if campaign.exhausted():  # an earlier winner of this auction spent the rest
                 removed["budget"] += 1
                 continue
-            winners.append(self._show(candidate, campaign, user_key, now))
+            winners.append(self._show(candidate, campaign, user_key, now, propensity))
         if self.log is not None:
             self.log.after_auction(now)
         return AuctionResult(ads=winners, candidates=len(candidates), removed=removed)
@@ -326,11 +340,12 @@ class Marketplace:
             return "frequency_cap"
         return None
 
-    def _show(self, candidate: Candidate, campaign: Campaign, user_key: str, now: float) -> Winner:
+    def _show(self, candidate: Candidate, campaign: Campaign, user_key: str, now: float, propensity: float = 1.0) -> Winner:
         """Records one impression and charges for it."""
         if self.log is not None:
             self.log.record((user_key, candidate.ad_id), now)
         if self.charge_per_impression == "expected_cpc":
             campaign.spend += candidate.expected_cpi
         pctr, bid = float(candidate.pctr), float(candidate.bid)  # plain floats out, whatever numeric type came in
-        return Winner(ad_id=candidate.ad_id, campaign_id=candidate.campaign_id, pctr=pctr, bid=bid, ecpm=1000.0 * candidate.expected_cpi)
+        return Winner(ad_id=candidate.ad_id, campaign_id=candidate.campaign_id, pctr=pctr, bid=bid,
+                      ecpm=1000.0 * candidate.expected_cpi, propensity=propensity)

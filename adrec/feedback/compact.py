@@ -7,6 +7,8 @@
   was served, so its impression row is written from the click's token.
 * Attribution: a click or conversion joins its impression when it comes within
   ``attribution_window_s`` of it. Later ones are kept apart in ``late/`` and counted, not lost.
+* Each impression's model version and propensity (the probability the auction gave it its
+  slot) go to ``raw_dir/propensities/``, keyed by impression id, for off-policy (IPS) estimates.
 * ``compaction.json`` records how many bytes of each segment were compacted, so the next run
   reads only what was appended since, even from segments still being written. It is saved
   after the partition: a crash in between re-reads records that deduplication then drops.
@@ -62,9 +64,23 @@ def response_row(record: dict) -> dict:
             "event": record["event"], "impression_id": record["impression_id"]}
 
 
-def split_rows(records: list[dict], already: set[str], window_s: float) -> tuple[list[dict], list[dict], dict]:
-    """(log rows, late rows, counts) from deduplicated records."""
-    rows, late, seen = [], [], set(already)
+PROPENSITIES = pa.schema(
+    [
+        pa.field("impression_id", pa.string(), nullable=False),
+        pa.field("version", pa.string()),
+        pa.field("propensity", pa.float64()),
+    ]
+)
+
+
+def served_row(record: dict) -> dict:
+    """How an impression was chosen: the model version and the probability it had (for IPS)."""
+    return {"impression_id": record["impression_id"], "version": record.get("version"), "propensity": record.get("propensity", 1.0)}
+
+
+def split_rows(records: list[dict], already: set[str], window_s: float) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(log rows, late rows, propensity rows, counts) from deduplicated records."""
+    rows, late, served, seen = [], [], [], set(already)
     counts = {"records": len(records), "duplicates": 0, "impressions": 0, "clicks": 0, "conversions": 0, "late": 0}
     for record in records:
         key = record["impression_id"] if record["event"] == "impression" else record["event_id"]
@@ -74,6 +90,7 @@ def split_rows(records: list[dict], already: set[str], window_s: float) -> tuple
         seen.add(key)
         if record["event"] == "impression":
             rows.append(impression_row(record))
+            served.append(served_row(record))
             counts["impressions"] += 1
             continue
         if record["ts"] - record["served_ts"] > window_s:
@@ -83,10 +100,11 @@ def split_rows(records: list[dict], already: set[str], window_s: float) -> tuple
         if record["impression_id"] not in seen:  # the impression itself was never posted: the token proves it
             seen.add(record["impression_id"])
             rows.append(impression_row(record))
+            served.append(served_row(record))
             counts["impressions"] += 1
         rows.append(response_row(record))
         counts[record["event"] + "s"] += 1
-    return rows, late, counts
+    return rows, late, served, counts
 
 
 def run_compaction(feedback_dir: str | Path, raw_dir: str | Path, attribution_window_s: float) -> dict:
@@ -97,7 +115,7 @@ def run_compaction(feedback_dir: str | Path, raw_dir: str | Path, attribution_wi
     state_path = feedback_dir / "compaction.json"
     offsets = read_json(state_path)["offsets"] if state_path.is_file() else {}
     records, offsets = read_new_records(segments(feedback_dir), offsets)
-    rows, late, counts = split_rows(records, logged_ids(events_dir, feedback_dir / "late"), attribution_window_s)
+    rows, late, served, counts = split_rows(records, logged_ids(events_dir, feedback_dir / "late"), attribution_window_s)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**6:06d}"
     if rows:
         # Written under a temporary name and renamed, so a reader never sees half a partition.
@@ -105,6 +123,8 @@ def run_compaction(feedback_dir: str | Path, raw_dir: str | Path, attribution_wi
         pq.write_table(pa.Table.from_pylist(rows, schema=schema.EVENTS), path.with_suffix(".tmp"))
         path.with_suffix(".tmp").rename(path)
         counts["partition"] = str(path)
+        (Path(raw_dir) / "propensities").mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(served, schema=PROPENSITIES), Path(raw_dir) / "propensities" / f"{PARTITION_PREFIX}{stamp}.parquet")
     if late:
         (feedback_dir / "late").mkdir(exist_ok=True)
         pq.write_table(pa.Table.from_pylist(late, schema=schema.EVENTS), feedback_dir / "late" / f"late-{stamp}.parquet")
