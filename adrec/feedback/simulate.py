@@ -1,0 +1,224 @@
+"""A closed-loop simulation: the live Serve app, users with the synthetic generator's hidden truth.
+
+Each round, ``simulate.views_per_round`` page views (users drawn by their activity, a random
+slot and device) ask the app for ``k`` ads over HTTP; each shown ad is clicked with its true
+probability; impressions and clicks are posted to /feedback with their tokens; then
+jobs/retrain.py's ``run`` compacts, retrains from the serving version and, when the
+challenger wins, hot-swaps the app. Per round it reports the online CTR and revenue (bids of
+clicked ads) against three policies on the same page views, scored by their expected clicks:
+random ads, the most-clicked ads of the log, and the oracle, which knows the true
+probabilities (top k by probability for CTR; by probability x bid for revenue).
+
+The rounds are minutes apart, so retraining holds out a random 10% (``data.prepare.split``
+random) instead of the last days of a log whose days are months behind the simulation's clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from omegaconf import OmegaConf, open_dict
+
+from adrec.data.synthetic import DEVICES, SLOTS, GeneratorConfig, build_world, click_probability
+from adrec.feedback import retrain
+from adrec.runtime import init_ray_from, resolve, write_json
+
+
+def ad_index(ad_id: str) -> int:
+    return int(ad_id.removeprefix("a"))
+
+
+def policy_scores(truth: np.ndarray, bids: np.ndarray, chosen: np.ndarray) -> tuple[float, float]:
+    """(expected CTR, expected revenue per view) of ``chosen`` (V, k) ad indices; truth (V, A)."""
+    p = np.take_along_axis(truth, chosen, 1)
+    return float(p.mean()), float((p * bids[chosen]).sum(1).mean())
+
+
+def baselines(truth: np.ndarray, bids: np.ndarray, popular: np.ndarray, k: int, rng: np.random.Generator) -> dict:
+    views, ads = truth.shape
+    random_ads = np.stack([rng.choice(ads, k, replace=False) for _ in range(views)])
+    oracle_ctr = np.argsort(-truth, axis=1)[:, :k]
+    oracle_revenue = np.argsort(-(truth * bids), axis=1)[:, :k]
+    return {
+        "random": policy_scores(truth, bids, random_ads),
+        "popularity": policy_scores(truth, bids, np.tile(popular[:k], (views, 1))),
+        "oracle": (policy_scores(truth, bids, oracle_ctr)[0], policy_scores(truth, bids, oracle_revenue)[1]),
+    }
+
+
+def popular_ads(raw_dir: Path, ads: int) -> np.ndarray:
+    """Ad indices by clicks in the log, most first."""
+    events = pq.read_table(raw_dir / "events", columns=["ad_id", "event"])
+    clicked = events.filter(pc.equal(events["event"], "click"))["ad_id"].to_pylist()
+    counts = np.bincount([ad_index(a) for a in clicked if a.startswith("a")], minlength=ads)
+    return np.argsort(-counts, kind="stable")
+
+
+class App:
+    """The Serve app under simulation, reached over HTTP."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=16))
+
+    def recommend(self, view: dict) -> dict:
+        answer = self.http.post(f"{self.url}/recommend", json=view)
+        answer.raise_for_status()
+        return answer.json()
+
+    def feedback(self, events: list[dict]) -> None:
+        for start in range(0, len(events), 100):
+            self.http.post(f"{self.url}/feedback", json={"events": events[start : start + 100]}).raise_for_status()
+
+
+def play_round(app: App, world, generator: GeneratorConfig, views: int, k: int, rng: np.random.Generator, round_: int) -> dict:
+    """Serve ``views`` page views, draw clicks from the truth, post them back; the served ads and clicks."""
+    users = rng.choice(len(world.user_weight), views, p=world.user_weight)
+    slots = rng.integers(len(SLOTS), size=views)
+    devices = rng.integers(len(DEVICES), size=views)
+    bodies = [{"user_id": f"u{u}", "k": k, "context": {"slot": SLOTS[s], "device": DEVICES[d]}} for u, s, d in zip(users, slots, devices)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(app.recommend, bodies))
+    chosen = np.array([[ad_index(ad["ad_id"]) for ad in answer["ads"]] for answer in answers])  # (V, k)
+    p = click_probability(world, generator, np.repeat(users, k), chosen.ravel(), np.repeat(slots, k)).reshape(views, k)
+    clicks = rng.random(p.shape) < p
+    events = []
+    for v, answer in enumerate(answers):
+        for j, ad in enumerate(answer["ads"]):
+            base = {"user_id": answer["user_id"], "token": ad["token"]}
+            events.append({**base, "event_id": f"r{round_}-v{v}-{j}-imp", "event": "impression"})
+            if clicks[v, j]:
+                events.append({**base, "event_id": f"r{round_}-v{v}-{j}-click", "event": "click"})
+    app.feedback(events)
+    return {"users": users, "slots": slots, "chosen": chosen, "clicks": clicks, "versions": {a["model_version"] for a in answers}}
+
+
+def round_report(round_: int, played: dict, world, generator: GeneratorConfig, popular: np.ndarray, k: int, rng) -> dict:
+    bids = world.ads["bid"].to_numpy()
+    ads = np.arange(len(bids))
+    truth = click_probability(
+        world, generator, np.repeat(played["users"], len(ads)), np.tile(ads, len(played["users"])), np.repeat(played["slots"], len(ads))
+    ).reshape(len(played["users"]), len(ads))
+    ours_ctr, ours_revenue = policy_scores(truth, bids, played["chosen"])
+    other = baselines(truth, bids, popular, k, rng)
+    return {
+        "round": round_,
+        "model_versions": sorted(played["versions"]),
+        "ctr": ours_ctr,
+        "observed_ctr": float(played["clicks"].mean()),
+        "revenue_per_view": ours_revenue,
+        "observed_revenue": float((played["clicks"] * bids[played["chosen"]]).sum()),
+        "oracle_ctr": other["oracle"][0],
+        "random_ctr": other["random"][0],
+        "popularity_ctr": other["popularity"][0],
+        "oracle_revenue_per_view": other["oracle"][1],
+        "random_revenue_per_view": other["random"][1],
+        "popularity_revenue_per_view": other["popularity"][1],
+        "ctr_over_oracle": ours_ctr / other["oracle"][0],
+    }
+
+
+def plot(rounds: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["round"] for r in rounds]
+    fig, (ctr, revenue) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in [("ctr", "adrec (served)"), ("oracle_ctr", "oracle"), ("popularity_ctr", "popularity"), ("random_ctr", "random")]:
+        ctr.plot(x, [r[key] for r in rounds], marker="o", label=label)
+    ctr.set(xlabel="round", ylabel="expected CTR", title="Online CTR")
+    ctr.legend()
+    for key, label in [("revenue_per_view", "adrec (served)"), ("oracle_revenue_per_view", "oracle"),
+                       ("popularity_revenue_per_view", "popularity"), ("random_revenue_per_view", "random")]:
+        revenue.plot(x, [r[key] for r in rounds], marker="o", label=label)
+    revenue.set(xlabel="round", ylabel="expected revenue per view", title="Revenue (bids of clicked ads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def start_app(cfg, admin_token: str) -> str:
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    serve.start(http_options={"host": cfg.serve.host, "port": int(cfg.serve.port)})
+    args = AppArgs(
+        model_dir=resolve(cfg.paths.models_dir),
+        feedback_dir=resolve(cfg.paths.feedback_dir),
+        feedback_secret=secrets.token_urlsafe(32),
+        admin_token=admin_token,
+        explore=float(cfg.simulate.explore),
+        frequency_cap={"max_impressions": 1_000_000, "window_s": 1},  # the policies compared have no caps
+        deadline_ms=30_000,  # retraining shares the two cores: slow answers, not dropped ones
+        # No CPU reserved: retraining between rounds needs the node's CPUs for its data and
+        # workers, and would wait forever for what idle replicas hold.
+        **{name: {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0} for name in ("ingress", "user_encoder", "ad_index", "ranker")},
+    )
+    serve.run(build_app(args), name="adrec", route_prefix="/", logging_config={"enable_access_log": False})
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+def loop_config(cfg, directory: Path):
+    """``cfg`` moved to ``directory``, with a copy of the log and the model registry: the loop
+    appends feedback to its log and promotes versions, leaving the main run as it was."""
+    looped = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(looped):
+        looped.run_dir = str(directory)
+        looped.data.prepare.split.kind = "random"
+        looped.retrain.serve_url = None
+    looped = OmegaConf.create(OmegaConf.to_container(looped, resolve=True))
+    shutil.copytree(resolve(cfg.paths.raw_dir), looped.paths.raw_dir)
+    shutil.copytree(resolve(cfg.paths.models_dir), looped.paths.models_dir)
+    return looped
+
+
+def run(cfg) -> dict:
+    """Play ``simulate.rounds`` rounds against the live app; write simulate.json and simulate.png under run_dir."""
+    from ray import serve
+
+    from serve.app import shutdown
+
+    init_ray_from(cfg)
+    generator = GeneratorConfig(**OmegaConf.to_container(cfg.data.generator, resolve=True))
+    world = build_world(generator)  # the same seed as the log: the users the model learned
+    out = Path(resolve(cfg.run_dir))
+    looped = loop_config(cfg, out / "simulation" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    popular = popular_ads(Path(looped.paths.raw_dir), len(world.ad_weight))
+    k, rng = int(cfg.simulate.k), np.random.default_rng(int(cfg.seed))
+    admin_token = secrets.token_urlsafe(24)
+    os.environ[cfg.retrain.admin_token_env] = admin_token  # retrain's hot swap reads it
+    rounds, retrains = [], []
+    app = App(start_app(looped, admin_token))
+    with open_dict(looped):
+        looped.retrain.serve_url = app.url
+    try:
+        for round_ in range(1, int(cfg.simulate.rounds) + 1):
+            started = time.time()
+            played = play_round(app, world, generator, int(cfg.simulate.views_per_round), k, rng, round_)
+            rounds.append(round_report(round_, played, world, generator, popular, k, rng))
+            print(f"== round {round_}: {json.dumps({key: rounds[-1][key] for key in ('ctr', 'oracle_ctr', 'popularity_ctr', 'random_ctr')})}", flush=True)
+            if round_ < int(cfg.simulate.rounds):
+                report = retrain.run(looped)
+                retrains.append({"round": round_, "decision": report["decision"], "exported": report.get("exported"), "serve": report.get("serve")})
+            rounds[-1]["seconds"] = round(time.time() - started, 1)
+    finally:
+        shutdown("adrec")
+        serve.shutdown()
+    result = {"rounds": rounds, "retrains": retrains, "final_ctr_over_oracle": rounds[-1]["ctr_over_oracle"],
+              "views_per_round": int(cfg.simulate.views_per_round), "k": k, "explore": float(cfg.simulate.explore)}
+    plot(rounds, out / "simulate.png")
+    write_json(out / "simulate.json", result)
+    return result

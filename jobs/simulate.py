@@ -1,0 +1,15 @@
+"""`python jobs/simulate.py [key=value ...]`: the closed loop against the live Serve app (run jobs/pipeline.py first)."""
+
+import hydra
+
+from adrec.feedback import simulate as stage
+from adrec.runtime import print_result
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg) -> None:
+    print_result(stage.run(cfg))
+
+
+if __name__ == "__main__":
+    main()
