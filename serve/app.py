@@ -30,7 +30,7 @@ from typing import Annotated, Literal
 import numpy as np
 import ray
 import torch
-from fastapi import FastAPI, Header, HTTPException, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from ray import serve
 from ray.exceptions import RayActorError

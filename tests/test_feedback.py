@@ -1,7 +1,6 @@
 """Feedback without Serve: impression tokens, the fsync'd segment log, compaction into the behaviour log."""
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
