@@ -39,6 +39,18 @@ def test_a_warm_start_copies_old_rows_into_grown_tables():
         load_grown(tower(5), old.state_dict())
 
 
+@pytest.mark.parametrize(
+    ("challenger", "champion", "margin", "promote"),
+    [(0.80, 0.79, 0.0, True), (0.80, 0.79, 0.02, False), (0.78, 0.79, 0.0, False), (0.80, 0.80, 0.0, False), (None, 0.79, -1.0, False)],
+)
+def test_the_gate_promotes_only_past_the_margin(challenger, champion, margin, promote):
+    from adrec.feedback.retrain import decide
+
+    decision = decide({"auc": challenger}, {"auc": champion}, "auc", margin)
+    assert decision["promote"] is promote
+    assert decision["gain"] == (None if challenger is None else pytest.approx(challenger - champion))
+
+
 @pytest.mark.slow
 def test_retraining_on_a_log_with_new_users_grows_their_rows_and_keeps_the_old(tiny_run, tmp_path):
     champion = Path(tiny_run["train"]["best_checkpoint"])

@@ -107,16 +107,21 @@ def run(cfg) -> dict:
         ranker = challenge(prepared, work, trained_with["ranker"]["model"], manifest["lineage"]["ranker_checkpoint"], "ranker")
         report["ranker"] = {side: pick(ranker[side]) for side in ("challenger", "champion")}
         scorer = ranker
-    metric, margin = str(cfg.retrain.metric), float(cfg.retrain.margin)
-    new, old = scorer["challenger"].get(metric), scorer["champion"].get(metric)
-    gain = None if new is None or old is None else new - old  # None: the holdout cannot tell (e.g. one class only)
-    report["decision"] = {"metric": metric, "gain": gain, "margin": margin, "promote": gain is not None and gain > margin}
+    report["decision"] = decide(scorer["challenger"], scorer["champion"], str(cfg.retrain.metric), float(cfg.retrain.margin))
     if report["decision"]["promote"]:
         report["exported"] = promote(prepared, work, towers, scorer if scorer is not towers else None)
         if cfg.retrain.serve_url:
             report["serve"] = hot_swap(cfg.retrain.serve_url, cfg.retrain.admin_token_env, report["exported"]["version"])
     write_json(work / "report.json", report)
     return report
+
+
+def decide(challenger: dict, champion: dict, metric: str, margin: float) -> dict:
+    """Promote only when the challenger's ``metric`` beats the champion's by more than ``margin``;
+    a metric the holdout cannot give (None: e.g. one class only) never promotes."""
+    new, old = challenger.get(metric), champion.get(metric)
+    gain = None if new is None or old is None else new - old
+    return {"metric": metric, "gain": gain, "margin": margin, "promote": gain is not None and gain > margin}
 
 
 def pick(metrics: dict) -> dict:
