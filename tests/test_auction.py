@@ -172,21 +172,17 @@ def test_no_cap_remembers_nothing():
     assert market.snapshot()["tracked_pairs"] == 0
 
 
-def test_sweep_every_n_auctions_drops_expired_pairs():
-    market = Marketplace(frequency_cap=FrequencyCap(1, window_s=10.0), sweep_every=100)
-    for i in range(99):
+@pytest.mark.parametrize(
+    ("trigger", "filled"),
+    [({"sweep_every": 100}, 99), ({"sweep_size": 50}, 50)],  # the 100th auction; a table of 50 pairs
+    ids=["every_n_auctions", "table_outgrows_its_size"],
+)
+def test_a_sweep_drops_expired_pairs(trigger, filled):
+    market = Marketplace(frequency_cap=FrequencyCap(1, window_s=10.0), **trigger)
+    for i in range(filled):
         market.run(f"user-{i}", {}, [ad("a")], k=1, now=0.0)
-    assert market.snapshot()["tracked_pairs"] == 99
-    market.run("late-user", {}, [ad("a")], k=1, now=20.0)  # the 100th auction sweeps
-    assert market.snapshot()["tracked_pairs"] == 1
-
-
-def test_sweep_when_the_table_outgrows_its_size():
-    market = Marketplace(frequency_cap=FrequencyCap(1, window_s=10.0), sweep_size=50)
-    for i in range(50):
-        market.run(f"user-{i}", {}, [ad("a")], k=1, now=0.0)
-    assert market.snapshot()["tracked_pairs"] == 50
-    market.run("late-user", {}, [ad("a")], k=1, now=20.0)
+    assert market.snapshot()["tracked_pairs"] == filled
+    market.run("late-user", {}, [ad("a")], k=1, now=20.0)  # sweeps: only its own pair is live
     assert market.snapshot()["tracked_pairs"] == 1
 
 

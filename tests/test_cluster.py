@@ -7,7 +7,6 @@ wrote, and stops only the processes it started.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,15 +18,10 @@ import pytest
 
 from adrec.registry import load_checkpoint
 from adrec.runtime import read_json
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:

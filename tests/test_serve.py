@@ -1,6 +1,5 @@
 """The Serve app on the tiny run's exported model, called over real HTTP."""
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from adrec.feedback.tokens import Impression, Signer
 from adrec.features import OOV, FeatureMap
 from adrec.recommend import FeatureBuilder, UserQuery, UserStore, feature_builder, user_key
 from serve.app import AppArgs, build_app, shutdown
+from tests.conftest import free_port, wait_until_ok
 
 pytestmark = pytest.mark.slow
 MAX_K = 20
@@ -29,12 +29,6 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 CAP = 2  # impressions of one ad per user per hour
 SECRET = "a-feedback-secret-for-the-tests-only"
 TOKEN_TTL_S = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -360,14 +354,7 @@ def test_killing_the_ingress_while_clients_post_feedback_loses_no_acknowledged_e
     stop.set()
     for thread in threads:
         thread.join()
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:  # Serve brings a new ingress up
-        try:
-            if httpx.get(f"{app_url}/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    wait_until_ok(f"{app_url}/healthz", timeout_s=90)  # Serve brings a new ingress up
     counts = run_compaction(feedback_dir, tmp_path / "raw", attribution_window_s=3600)
     ids = pq.read_table(tmp_path / "raw" / "events")["event_id"].to_pylist()
     assert len(acked) > 20 and set(acked) <= set(ids), sorted(set(acked) - set(ids))[:5]

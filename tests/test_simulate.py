@@ -1,20 +1,13 @@
 """The closed loop, end to end: the live Serve app, clicks from the hidden truth, feedback, retraining, promotion."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_config
+from tests.conftest import compose_config, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_rounds_feed_back_retrain_and_swap_the_served_version(tiny_run):
