@@ -26,7 +26,8 @@ from adrec.runtime import read_json, require, resolve, write_json
 
 
 def trained_ranker(cfg, prepared: Path) -> dict | None:
-    """The evaluated DCN ranker of ``cfg.ranker`` as {model, metrics, checkpoint}, or None when none was trained."""
+    """The evaluated DCN ranker of ``cfg.ranker`` as {model, metrics, checkpoint, trained (its
+    result.json)}, or None when none was trained."""
     if not cfg.get("ranker") or not cfg.ranker.enabled:
         return None
     result = Path(resolve(cfg.ranker.train_dir)) / "result.json"
@@ -40,7 +41,24 @@ def trained_ranker(cfg, prepared: Path) -> dict | None:
     model = load_checkpoint(trained["best_checkpoint"])
     if hasattr(model, "user_tower"):
         raise ArtifactError(f"{cfg.ranker.train_dir} holds a two-tower model, not a ranker: train it with model=dcn")
-    return {"model": model, "metrics": metrics, "checkpoint": trained["best_checkpoint"]}
+    return {"model": model, "metrics": metrics, "checkpoint": trained["best_checkpoint"], "trained": trained}
+
+
+SHIP_MODES = ("auto", "always")
+
+
+def ships_ranker(towers_trained: dict, ranker_trained: dict, mode: str) -> tuple[bool, str]:
+    """Whether the ranker's pCTR serves the shortlist, and why. ``auto``: only when its validation
+    logloss (the best epoch's, on the same split) beats the towers'; ``always``: whenever trained."""
+    if mode not in SHIP_MODES:
+        raise ValueError(f"ranker.ship must be one of {SHIP_MODES}, got {mode!r}")
+    ranker, towers = ranker_trained["best"].get("val_logloss"), towers_trained["best"].get("val_logloss")
+    if mode == "always":
+        return True, "ranker.ship=always"
+    if ranker is None or towers is None:
+        return False, "no validation logloss to compare (ranker.ship=always ships it anyway)"
+    verdict = "below" if ranker < towers else "not below"
+    return ranker < towers, f"ranker validation logloss {ranker:.5f} {verdict} the towers' {towers:.5f}"
 
 
 def run(cfg) -> dict:
@@ -69,7 +87,11 @@ def run(cfg) -> dict:
     save_tower(model.ad_tower, staging, "ad_encoder")
     catalog = pq.read_table(prepared / "ads.parquet")
     save_file({"embeddings": embed(model.ad_tower, catalog).contiguous()}, staging / "ad_embeddings.safetensors")
-    ranker = trained_ranker(cfg, prepared)
+    candidate = trained_ranker(cfg, prepared)
+    ranker, ranker_choice = None, "no ranker trained"
+    if candidate is not None:
+        shipped, ranker_choice = ships_ranker(trained, candidate["trained"], str(cfg.ranker.get("ship", "auto")))
+        ranker = candidate if shipped else None
     if ranker is not None:
         save_ranker(ranker["model"], staging)
     for name in ("ads.parquet", "users.parquet", "feature_map.json"):
@@ -96,7 +118,9 @@ def run(cfg) -> dict:
         config=OmegaConf.to_container(cfg, resolve=True),
         lineage={
             "checkpoint": trained["best_checkpoint"],
-            "ranker_checkpoint": None if ranker is None else ranker["checkpoint"],
+            # Kept when the ranker does not ship, so retraining can challenge it again.
+            "ranker_checkpoint": None if candidate is None else candidate["checkpoint"],
+            "ranker_choice": ranker_choice,
             "train_run": trained.get("run_path"),
             "prepared_dir": str(prepared),
             "prepare_report": read_json(prepared / "report.json"),
@@ -105,4 +129,4 @@ def run(cfg) -> dict:
     final = root / version
     staging.rename(final)
     (root / LATEST).write_text(version + "\n")
-    return {"version": version, "model_dir": str(final), "files": manifest["files"], "ranker": ranker is not None}
+    return {"version": version, "model_dir": str(final), "files": manifest["files"], "ranker": ranker is not None, "ranker_choice": ranker_choice}

@@ -31,6 +31,19 @@ def test_the_exported_version_ships_the_dcn_ranker_and_its_calibration(tiny_run)
     )
 
 
+@pytest.mark.parametrize(
+    ("ranker", "towers", "mode", "ships"),
+    [(0.25, 0.26, "auto", True), (0.27, 0.26, "auto", False), (0.26, 0.26, "auto", False), (0.27, 0.26, "always", True), (None, 0.26, "auto", False)],
+)
+def test_the_ranker_ships_only_when_it_validates_better_than_the_towers(ranker, towers, mode, ships):
+    from adrec.export import ships_ranker
+
+    shipped, why = ships_ranker({"best": {"val_logloss": towers}}, {"best": {"val_logloss": ranker}}, mode)
+    assert shipped is ships and why
+    with pytest.raises(ValueError, match="ranker.ship must be one of"):
+        ships_ranker({"best": {}}, {"best": {}}, "sometimes")
+
+
 def test_ranker_pctr_depends_on_the_user_and_the_ad(local):
     features = local.features.build([UserQuery("u1"), UserQuery("u2", context={"device": "tablet"})])
     rows = np.arange(5)

@@ -21,9 +21,13 @@ def test_two_rounds_feed_back_retrain_and_swap_the_served_version(tiny_run):
     result = simulate.run(cfg)
     first, second = result["rounds"]
     for r in (first, second):
-        assert 0 < r["random_ctr"] < r["oracle_ctr"] and 0 < r["ctr"] <= r["oracle_ctr"]
+        assert 0 < r["random_ctr"] < r["oracle_ctr"] <= r["max_ctr"] and 0 < r["ctr"] <= r["max_ctr"]
+        # The oracle runs the app's own objective (pCTR x bid) with the truth: nothing earns more per view.
+        assert r["revenue_per_view"] <= r["oracle_revenue_per_view"] + 1e-9
         assert r["ctr_over_oracle"] == pytest.approx(r["ctr"] / r["oracle_ctr"])
+        assert 0 < r["served_pctr"] < 1
     (retrained,) = result["retrains"]
+    assert retrained["new_impressions"] == 150 * 5  # round 1's impressions, all new to the serving version
     assert retrained["decision"]["promote"] and retrained["serve"]["reloaded"]
     # Round 2 was served by the version round 1's feedback trained, hot-swapped into the live app.
     assert first["model_versions"] == [serving] and second["model_versions"] == [retrained["exported"]["version"]]

@@ -34,6 +34,10 @@ class SplitRule:
     leave_last_out  each user's last example is test, the one before validation, the rest train
     kfold           cross-validation: a hash of each row picks one of ``folds`` folds; fold ``fold``
                     is test, and a ``validation`` share of the other rows is validation
+
+    ``replay_before_ms`` (time splits; incremental retraining): rows before it are data a model
+    already learned; a hash-drawn ``replay`` share of them is train (against forgetting), the rest
+    ``unused``. The cutoffs then split only the rows from it on.
     """
 
     kind: str = "time"
@@ -42,6 +46,8 @@ class SplitRule:
     cutoffs_ms: tuple[int, int] | None = None
     folds: int = 5
     fold: int = 0
+    replay_before_ms: int | None = None
+    replay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,11 @@ def assign_split(rows: pa.Table, user_code: np.ndarray | None, rule: SplitRule, 
     """(N,) split names for ``rows`` (a block holding all rows of its users, for per-user rules)."""
     if rule.kind == "time":
         ts = rows["ts"].to_numpy(zero_copy_only=False)
-        return np.where(ts < rule.cutoffs_ms[0], "train", np.where(ts < rule.cutoffs_ms[1], "validation", "test"))
+        split = np.where(ts < rule.cutoffs_ms[0], "train", np.where(ts < rule.cutoffs_ms[1], "validation", "test"))
+        if rule.replay_before_ms is None:
+            return split
+        replayed = np.where(uniform(row_keys(rows), seed) < rule.replay, "train", "unused")
+        return np.where(ts < rule.replay_before_ms, replayed, split)
     draw = uniform(row_keys(rows), seed)
     if rule.kind == "random":
         return np.where(draw < rule.train, "train", np.where(draw < rule.train + rule.validation, "validation", "test"))

@@ -297,14 +297,20 @@ def validate(cfg, out: Path, columns: dict, key: bytes | None) -> tuple[Path, di
 
 def split_rule(cfg, checked: dict) -> SplitRule:
     s = cfg.data.prepare.split
-    cutoffs = None
+    cutoffs, replay = None, {}
     if s.kind == "time":
         if "ts_min" not in checked:
             raise ValueError("data.prepare.split.kind=time needs a time column: map data.events.columns.ts, or use split.kind=random")
         span = checked["ts_max"] - checked["ts_min"]
         cutoffs = (checked["ts_min"] + int(span * s.train), checked["ts_min"] + int(span * (s.train + s.validation)))
+        if s.get("cutoffs_ms"):
+            cutoffs = tuple(int(c) for c in s.cutoffs_ms)
+        if s.get("replay_before_ms") is not None:
+            replay = {"replay_before_ms": int(s.replay_before_ms), "replay": float(s.get("replay", 1.0))}
+    elif s.get("cutoffs_ms") or s.get("replay_before_ms") is not None:
+        raise ValueError(f"data.prepare.split.cutoffs_ms and replay_before_ms apply to split.kind=time, not {s.kind}")
     folds = {"folds": int(s.folds), "fold": int(s.fold)} if s.kind == "kfold" else {}
-    return SplitRule(kind=s.kind, train=float(s.train), validation=float(s.validation), cutoffs_ms=cutoffs, **folds)
+    return SplitRule(kind=s.kind, train=float(s.train), validation=float(s.validation), cutoffs_ms=cutoffs, **folds, **replay)
 
 
 def label_rule(cfg) -> LabelRule | None:
@@ -398,7 +404,8 @@ def history_lookups(ads: pa.Table | None, attributes: list[str]) -> dict[str, tu
 
 def write_splits(examples: Path, feature_map: FeatureMap, lookups: dict, out: Path, rows_per_file: int) -> dict:
     """Encode and write ``out/{train,validation,test}/``; return examples and clicks per split."""
-    encoded = staged(examples).map_batches(
+    used = staged(examples).map_batches(drop_unused, batch_size=BATCH_ROWS, batch_format="pyarrow")
+    encoded = used.map_batches(
         encode_examples, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map, "lookups": lookups}
     )
     # One streaming pass writes all three splits (hive folders split=train, ...), so the encoded
@@ -412,7 +419,13 @@ def write_splits(examples: Path, feature_map: FeatureMap, lookups: dict, out: Pa
             (out / split).mkdir()
     shutil.rmtree(out / "_encoded")
     counts = merge_counts(staged(examples, ["split", "label"]).map_batches(split_stats, batch_size=BATCH_ROWS, batch_format="pyarrow"))
-    return {s: {"examples": counts["examples"].get(s, 0), "clicks": counts["clicks"].get(s, 0)} for s in SPLITS}
+    names = SPLITS + (("unused",) if "unused" in counts["examples"] else ())
+    return {s: {"examples": counts["examples"].get(s, 0), "clicks": counts["clicks"].get(s, 0)} for s in names}
+
+
+def drop_unused(batch: pa.Table) -> pa.Table:
+    """Rows a replay split left out (``SplitRule.replay``): not encoded, not written."""
+    return batch.filter(pc.not_equal(batch["split"], "unused"))
 
 
 def serving_users(users: pa.Table | None, latest: pa.Table, feature_map: FeatureMap) -> pa.Table:
@@ -488,7 +501,8 @@ def run(cfg) -> dict:
     examples = labelled_examples(kept, cfg, columns, rule, partitions, users, ads, out / "_stage" / "examples")
     metadata = {
         "dataset": cfg.data.name,
-        "split": {"kind": rule.kind, "cutoffs_ms": rule.cutoffs_ms},
+        "split": {"kind": rule.kind, "cutoffs_ms": rule.cutoffs_ms, **({"replay_before_ms": rule.replay_before_ms, "replay": rule.replay}
+                                                                      if rule.replay_before_ms is not None else {})},
         "pseudonymized": key is not None,
     }
     feature_map = fit_feature_map(examples, feature_specs(cfg, columns), cfg, metadata)
@@ -507,6 +521,7 @@ def run(cfg) -> dict:
         "side_tables": {"users": users_report, "ads": ads_report},
         "splits": splits,
         "split": metadata["split"],
+        "ts_range_ms": [checked["ts_min"], checked["ts_max"]] if "ts_min" in checked else None,  # retraining: what is new after this
         "vocabulary_sizes": {name: v.cardinality for name, v in feature_map.vocabularies.items()},
         "partitions": partitions,
         "seconds": round(time.time() - started, 1),

@@ -1,7 +1,7 @@
 """Offline evaluation of the trained model on the test split -> ``metrics.json`` and PNG plots.
 
-Calibration: Platt scaling fitted on the validation split (``calibration.json``); test pCTR
-metrics use the calibrated probability, as the auction will.
+Calibration: Platt scaling fitted on the validation split (``calibration.json``), or the fixed
+``evaluate.calibration`` {a, b}; test pCTR metrics use the calibrated probability, as the auction will.
 Ranking: AUC, GAUC (per user), logloss, accuracy/precision/recall at 0.5, ECE, mean pCTR
 against the observed CTR, and AUC on impressions of cold ads (out of the id vocabulary).
 Retrieval over the whole catalog by U . V, by ``data.evaluation.protocol``:
@@ -220,7 +220,8 @@ def run(cfg) -> dict:
     catalog = pq.read_table(prepared / "ads.parquet") if has_catalog else pa.table({"raw_ad_id": pa.array([], pa.string())})
     catalog_ids = catalog["raw_ad_id"].combine_chunks()
 
-    calibration = fit_calibration(model, prepared, catalog_ids)
+    fixed = cfg.evaluate.get("calibration")  # a model scored as it serves keeps its own calibration
+    calibration = Platt(float(fixed.a), float(fixed.b)) if fixed else fit_calibration(model, prepared, catalog_ids)
     eval_dir.mkdir(parents=True, exist_ok=True)
     calibration.save(eval_dir / "calibration.json")
     scored = score_split(model, ray.data.read_parquet(str(prepared / "test")), catalog_ids)

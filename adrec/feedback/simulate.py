@@ -3,14 +3,14 @@
 Each round, ``simulate.views_per_round`` page views (users drawn by their activity, a random
 slot and device) ask the app for ``k`` ads over HTTP; each shown ad is clicked with its true
 probability; impressions and clicks are posted to /feedback with their tokens; then
-jobs/retrain.py's ``run`` compacts, retrains from the serving version and, when the
-challenger wins, hot-swaps the app. Per round it reports the online CTR and revenue (bids of
-clicked ads) against three policies on the same page views, scored by their expected clicks:
-random ads, the most-clicked ads of the log, and the oracle, which knows the true
-probabilities (top k by probability for CTR; by probability x bid for revenue).
+jobs/retrain.py's ``run`` compacts, retrains from the serving version on the new impressions and,
+when the challenger wins on the latest of them, hot-swaps the app.
 
-The rounds are minutes apart, so retraining holds out a random 10% (``data.prepare.split``
-random) instead of the last days of a log whose days are months behind the simulation's clock.
+Per round it reports the online CTR and revenue (bids of clicked ads) of the served ads, scored
+by their expected clicks, against three policies on the same page views: random ads, the
+most-clicked ads of the log, and the oracle: the app's own objective (the top k by pCTR x bid)
+with the true probabilities in place of the model's. ``max_ctr`` is the top k by true
+probability alone, the ceiling for CTR that no revenue-ranked policy aims at.
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ def policy_scores(truth: np.ndarray, bids: np.ndarray, chosen: np.ndarray) -> tu
 
 
 def baselines(truth: np.ndarray, bids: np.ndarray, popular: np.ndarray, k: int, rng: np.random.Generator) -> dict:
+    """(expected CTR, revenue per view) of each reference policy on the views of ``truth`` (V, A)."""
     views, ads = truth.shape
     random_ads = np.stack([rng.choice(ads, k, replace=False) for _ in range(views)])
-    oracle_ctr = np.argsort(-truth, axis=1)[:, :k]
-    oracle_revenue = np.argsort(-(truth * bids), axis=1)[:, :k]
     return {
         "random": policy_scores(truth, bids, random_ads),
         "popularity": policy_scores(truth, bids, np.tile(popular[:k], (views, 1))),
-        "oracle": (policy_scores(truth, bids, oracle_ctr)[0], policy_scores(truth, bids, oracle_revenue)[1]),
+        "oracle": policy_scores(truth, bids, np.argsort(-(truth * bids), axis=1)[:, :k]),  # the auction's eCPM order, true pCTR
+        "max_ctr": policy_scores(truth, bids, np.argsort(-truth, axis=1)[:, :k]),
     }
 
 
@@ -62,6 +62,9 @@ def popular_ads(raw_dir: Path, ads: int) -> np.ndarray:
     clicked = events.filter(pc.equal(events["event"], "click"))["ad_id"].to_pylist()
     counts = np.bincount([ad_index(a) for a in clicked if a.startswith("a")], minlength=ads)
     return np.argsort(-counts, kind="stable")
+
+
+PRINTED = ("ctr", "oracle_ctr", "ctr_over_oracle", "served_pctr", "max_ctr", "popularity_ctr", "random_ctr")
 
 
 class App:
@@ -90,6 +93,7 @@ def play_round(app: App, world, generator: GeneratorConfig, views: int, k: int, 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(app.recommend, bodies))
     chosen = np.array([[ad_index(ad["ad_id"]) for ad in answer["ads"]] for answer in answers])  # (V, k)
+    served_pctr = np.array([[ad["pctr"] for ad in answer["ads"]] for answer in answers])  # (V, k)
     p = click_probability(world, generator, np.repeat(users, k), chosen.ravel(), np.repeat(slots, k)).reshape(views, k)
     clicks = rng.random(p.shape) < p
     events = []
@@ -100,7 +104,8 @@ def play_round(app: App, world, generator: GeneratorConfig, views: int, k: int, 
             if clicks[v, j]:
                 events.append({**base, "event_id": f"r{round_}-v{v}-{j}-click", "event": "click"})
     app.feedback(events)
-    return {"users": users, "slots": slots, "chosen": chosen, "clicks": clicks, "versions": {a["model_version"] for a in answers}}
+    return {"users": users, "slots": slots, "chosen": chosen, "served_pctr": served_pctr, "clicks": clicks,
+            "versions": {a["model_version"] for a in answers}}
 
 
 def round_report(round_: int, played: dict, world, generator: GeneratorConfig, popular: np.ndarray, k: int, rng) -> dict:
@@ -116,6 +121,7 @@ def round_report(round_: int, played: dict, world, generator: GeneratorConfig, p
         "model_versions": sorted(played["versions"]),
         "ctr": ours_ctr,
         "observed_ctr": float(played["clicks"].mean()),
+        "served_pctr": float(played["served_pctr"].mean()),  # the model's belief about the same ads: calibration online
         "revenue_per_view": ours_revenue,
         "observed_revenue": float((played["clicks"] * bids[played["chosen"]]).sum()),
         "oracle_ctr": other["oracle"][0],
@@ -124,7 +130,9 @@ def round_report(round_: int, played: dict, world, generator: GeneratorConfig, p
         "oracle_revenue_per_view": other["oracle"][1],
         "random_revenue_per_view": other["random"][1],
         "popularity_revenue_per_view": other["popularity"][1],
+        "max_ctr": other["max_ctr"][0],
         "ctr_over_oracle": ours_ctr / other["oracle"][0],
+        "revenue_over_oracle": ours_revenue / other["oracle"][1],
     }
 
 
@@ -136,7 +144,8 @@ def plot(rounds: list[dict], path: Path) -> None:
 
     x = [r["round"] for r in rounds]
     fig, (ctr, revenue) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label in [("ctr", "adrec (served)"), ("oracle_ctr", "oracle"), ("popularity_ctr", "popularity"), ("random_ctr", "random")]:
+    for key, label in [("ctr", "adrec (served)"), ("oracle_ctr", "oracle"), ("max_ctr", "max CTR (top k by true pCTR)"),
+                       ("popularity_ctr", "popularity"), ("random_ctr", "random")]:
         ctr.plot(x, [r[key] for r in rounds], marker="o", label=label)
     ctr.set(xlabel="round", ylabel="expected CTR", title="Online CTR")
     ctr.legend()
@@ -177,7 +186,6 @@ def loop_config(cfg, directory: Path):
     looped = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(looped):
         looped.run_dir = str(directory)
-        looped.data.prepare.split.kind = "random"
         looped.retrain.serve_url = None
     looped = OmegaConf.create(OmegaConf.to_container(looped, resolve=True))
     shutil.copytree(resolve(cfg.paths.raw_dir), looped.paths.raw_dir)
@@ -209,10 +217,10 @@ def run(cfg) -> dict:
             started = time.time()
             played = play_round(app, world, generator, int(cfg.simulate.views_per_round), k, rng, round_)
             rounds.append(round_report(round_, played, world, generator, popular, k, rng))
-            print(f"== round {round_}: {json.dumps({key: rounds[-1][key] for key in ('ctr', 'oracle_ctr', 'popularity_ctr', 'random_ctr')})}", flush=True)
+            print(f"== round {round_}: {json.dumps({key: rounds[-1][key] for key in PRINTED})}", flush=True)
             if round_ < int(cfg.simulate.rounds):
                 report = retrain.run(looped)
-                retrains.append({"round": round_, "decision": report["decision"], "exported": report.get("exported"), "serve": report.get("serve")})
+                retrains.append({"round": round_, **{key: report.get(key) for key in ("new_impressions", "decision", "towers", "ranker", "exported", "serve")}})
             rounds[-1]["seconds"] = round(time.time() - started, 1)
     finally:
         shutdown("adrec")
