@@ -135,7 +135,7 @@ def test_retrain_trains_on_what_is_new_to_the_champion_holds_out_the_latest_and_
     log_end_s = tiny_run["prepare"]["ts_range_ms"][1] / 1000
     SegmentLog(tmp_path / "feedback", "test").append(served_feedback(tiny_run["export"]["version"], log_end_s + 86_400, views=150))
     # Any challenger wins (the promotion path), and it ships its ranker whatever the tiny validation says.
-    cfg = compose_config(tmp_path, "retrain.epochs=1", "retrain.margin=-1.0", "retrain.replay=0.05", "retrain.ranker_ship=always")
+    cfg = compose_config(tmp_path, "retrain.epochs=1", "retrain.margin=-1e9", "retrain.replay=0.05", "retrain.ranker_ship=always")
     report = retrain.run(cfg)
 
     assert report["champion"] == tiny_run["export"]["version"]

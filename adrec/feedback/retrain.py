@@ -146,11 +146,7 @@ def run(cfg) -> dict:
         return report
 
     r = cfg.retrain
-    prepared = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    with open_dict(prepared):
-        prepared.paths.prepared_dir = str(work / "prepared")
-        prepared.data.prepare.base_feature_map = str(champion_dir / FEATURE_MAP)
-        prepared.data.prepare.split.update(fresh_split(new_times, seen_until, float(r.split.train), float(r.split.validation), float(r.replay)))
+    prepared = fresh_config(cfg, work, champion_dir, new_times, seen_until)
     report["prepare"] = {k: v for k, v in prepare.run(prepared).items() if k in ("splits", "split", "vocabulary_sizes")}
 
     models = {"towers": challenge(prepared, work, trained_with["model"], manifest["lineage"]["checkpoint"], "towers",
@@ -160,14 +156,7 @@ def run(cfg) -> dict:
                                      served_calibration(champion_dir, ranker=True))
     for name, scored in models.items():
         report[name] = {side: pick(scored[side]) for side in ("challenger", "champion")}
-    # Each side is judged by the pCTR it serves: the champion's shipped model; the challenger's
-    # the one export will ship (with retrain.ranker_ship=auto, the ranker only when it validates
-    # better than the towers on the new impressions).
-    champion_serves = "ranker" if served_calibration(champion_dir, ranker=True) is not None else "towers"
-    challenger_serves = "towers"
-    if "ranker" in models:
-        ships, report["ranker_choice"] = export.ships_ranker(models["towers"]["trained"], models["ranker"]["trained"], str(r.ranker_ship))
-        challenger_serves = "ranker" if ships else "towers"
+    champion_serves, challenger_serves, report["ranker_choice"] = served_models(champion_dir, models, str(r.ranker_ship))
     report["decision"] = {
         **decide(models[challenger_serves]["challenger"], models[champion_serves]["champion"], str(r.metric), float(r.margin)),
         "challenger_serves": challenger_serves,
@@ -179,6 +168,31 @@ def run(cfg) -> dict:
             report["serve"] = hot_swap(r.serve_url, r.admin_token_env, report["exported"]["version"])
     write_json(work / "report.json", report)
     return report
+
+
+def fresh_config(cfg, work: Path, champion_dir: Path, new_times: np.ndarray, seen_until: int):
+    """``cfg`` preparing into ``work``: vocabularies grown from the champion's, the fresh split."""
+    prepared = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    r = cfg.retrain
+    with open_dict(prepared):
+        prepared.paths.prepared_dir = str(work / "prepared")
+        prepared.data.prepare.base_feature_map = str(champion_dir / FEATURE_MAP)
+        prepared.data.prepare.split.update(fresh_split(new_times, seen_until, float(r.split.train), float(r.split.validation), float(r.replay)))
+    return prepared
+
+
+def served_models(champion_dir: Path, models: dict, ranker_ship: str) -> tuple[str, str, str | None]:
+    """Which model's pCTR each side serves, "towers" or "ranker", and why the challenger's.
+
+    Each side is judged by the pCTR it serves: the champion's shipped model; the challenger's
+    the one export will ship (with ``ranker_ship`` auto, the ranker only when it validates
+    better than the towers on the new impressions).
+    """
+    champion = "ranker" if served_calibration(champion_dir, ranker=True) is not None else "towers"
+    if "ranker" not in models:
+        return champion, "towers", None
+    ships, why = export.ships_ranker(models["towers"]["trained"], models["ranker"]["trained"], ranker_ship)
+    return champion, "ranker" if ships else "towers", why
 
 
 LOWER_IS_BETTER = {"logloss", "ece"}

@@ -143,17 +143,18 @@ def plot(rounds: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     x = [r["round"] for r in rounds]
-    fig, (ctr, revenue) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label in [("ctr", "adrec (served)"), ("oracle_ctr", "oracle"), ("max_ctr", "max CTR (top k by true pCTR)"),
-                       ("popularity_ctr", "popularity"), ("random_ctr", "random")]:
-        ctr.plot(x, [r[key] for r in rounds], marker="o", label=label)
-    ctr.set(xlabel="round", ylabel="expected CTR", title="Online CTR")
-    ctr.legend()
-    for key, label in [("revenue_per_view", "adrec (served)"), ("oracle_revenue_per_view", "oracle"),
-                       ("popularity_revenue_per_view", "popularity"), ("random_revenue_per_view", "random")]:
-        revenue.plot(x, [r[key] for r in rounds], marker="o", label=label)
-    revenue.set(xlabel="round", ylabel="expected revenue per view", title="Revenue (bids of clicked ads)")
-    fig.tight_layout()
+    fig, (ctr, revenue) = plt.subplots(1, 2, figsize=(12, 3.8))
+    # One colour per policy in both panels; revenue has no max-CTR line.
+    policies = [("", "adrec (served)", "C0"), ("oracle_", "oracle (eCPM order, true pCTR)", "C1"), ("max_", "top k by true pCTR", "C2"),
+                ("popularity_", "popularity", "C3"), ("random_", "random", "C4")]
+    for prefix, label, colour in policies:
+        ctr.plot(x, [r[f"{prefix}ctr"] for r in rounds], marker="o", label=label, color=colour)
+        if prefix != "max_":
+            revenue.plot(x, [r[f"{prefix}revenue_per_view"] for r in rounds], marker="o", label=label, color=colour)
+    ctr.set(xlabel="round", ylabel="expected CTR", title="Online CTR", xticks=x)
+    revenue.set(xlabel="round", ylabel="expected revenue per view", title="Revenue (bids of clicked ads)", xticks=x)
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    fig.legend(*ctr.get_legend_handles_labels(), loc="center right", fontsize="small")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
