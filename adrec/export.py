@@ -90,7 +90,7 @@ def run(cfg) -> dict:
     candidate = trained_ranker(cfg, prepared)
     ranker, ranker_choice = None, "no ranker trained"
     if candidate is not None:
-        shipped, ranker_choice = ships_ranker(trained, candidate["trained"], str(cfg.ranker.get("ship", "auto")))
+        shipped, ranker_choice = ships_ranker(trained, candidate["trained"], str(cfg.ranker.get("ship", "always")))
         ranker = candidate if shipped else None
     if ranker is not None:
         save_ranker(ranker["model"], staging)

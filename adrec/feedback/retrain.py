@@ -5,7 +5,7 @@ challenger warm-started from it on the events logged since the champion's data e
     -> prepare the whole log (histories need it; vocabularies grow from the champion's) with a
        fresh split: the new impressions by time into train / validation / holdout (the latest),
        plus a ``retrain.replay`` share of the old log in train against forgetting
-    -> train the towers (and the ranker, when the champion ships one) from the champion's checkpoints
+    -> train the towers (and the ranker, when the champion was trained with one) from its checkpoints
     -> score challenger and champion on the same fresh holdout, which neither trained on
     -> promote only when the challenger's served score is better by ``retrain.margin``:
        export it (LATEST) and hot-swap Serve (POST /admin/reload) when ``retrain.serve_url`` is set
