@@ -67,3 +67,20 @@ def require(path: str | os.PathLike, made_by: str) -> Path:
 def print_result(result: dict) -> None:
     """A job's result on stdout as JSON."""
     print(json.dumps(result, indent=2, sort_keys=True, default=str), flush=True)
+
+
+def wait_until_ok(url: str, timeout_s: float, interval_s: float = 1.0) -> None:
+    """Poll ``url`` until it answers 200 (a Serve app starting, or coming back after a replica died)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")

@@ -45,6 +45,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from adrec.inference import column_to_numpy, embed  # noqa: E402
 from adrec.registry import load_tower, resolve_model_dir, verify_manifest, write_manifest  # noqa: E402
+from adrec.runtime import wait_until_ok  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HOPS = ("features", "encode", "index", "rank", "hops", "auction", "total")
@@ -152,18 +153,6 @@ async def closed_loop(url: str, bodies: list[dict], concurrency: int, seconds: f
     return figures
 
 
-def wait_until_up(url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up within {timeout_s} s")
-
-
 # --- the two servers ---------------------------------------------------------------------------
 
 
@@ -213,7 +202,7 @@ def start_serve(model_dir: Path, port: int, exact_max_ads: int, nprobe: int) -> 
     args = AppArgs(model_dir=str(model_dir), user_encoder=single, ingress=single, ranker=single,
                    ad_index={**single, "exact_max_ads": exact_max_ads, "nprobe": nprobe}, deadline_ms=5000)
     serve.run(build_app(args), name="adrec", route_prefix="/", logging_config={"enable_access_log": False})
-    wait_until_up(f"http://127.0.0.1:{port}/healthz")
+    wait_until_ok(f"http://127.0.0.1:{port}/healthz", timeout_s=300, interval_s=0.5)
     return httpx.get(f"http://127.0.0.1:{port}/model", timeout=60).json()
 
 
@@ -272,7 +261,7 @@ def main() -> None:
         bare_port = free_port()
         bare = start_bare(version, bare_port, options.exact_max_ads, options.nprobe)
         try:
-            wait_until_up(f"http://127.0.0.1:{bare_port}/healthz")
+            wait_until_ok(f"http://127.0.0.1:{bare_port}/healthz", timeout_s=300, interval_s=0.5)
             baseline = measure(f"http://127.0.0.1:{bare_port}/recommend", bodies, options.concurrency, options.seconds, options.warmup_s)
         finally:
             bare.terminate()

@@ -15,7 +15,6 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 import socket  # noqa: E402
-import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -46,21 +45,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until_ok(url: str, timeout_s: float) -> None:
-    """Poll ``url`` until it answers 200 (a Serve app coming back after a replica died)."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
 
 
 def compose_config(run_dir: Path, *overrides: str):

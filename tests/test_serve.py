@@ -20,7 +20,8 @@ from adrec.feedback.tokens import Impression, Signer
 from adrec.features import OOV, FeatureMap
 from adrec.recommend import FeatureBuilder, UserQuery, UserStore, feature_builder, user_key
 from serve.app import AppArgs, build_app, shutdown
-from tests.conftest import free_port, wait_until_ok
+from adrec.runtime import wait_until_ok
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 MAX_K = 20
