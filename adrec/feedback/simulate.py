@@ -44,6 +44,11 @@ def policy_scores(truth: np.ndarray, bids: np.ndarray, chosen: np.ndarray) -> tu
     return float(p.mean()), float((p * bids[chosen]).sum(1).mean())
 
 
+def oracle_choice(truth: np.ndarray, bids: np.ndarray, k: int) -> np.ndarray:
+    """(V, k) ad indices: the auction's eCPM order with the true pCTR ``truth`` (V, A) in place of the model's."""
+    return np.argsort(-(truth * bids), axis=1)[:, :k]
+
+
 def baselines(truth: np.ndarray, bids: np.ndarray, popular: np.ndarray, k: int, rng: np.random.Generator) -> dict:
     """(expected CTR, revenue per view) of each reference policy on the views of ``truth`` (V, A)."""
     views, ads = truth.shape
@@ -51,9 +56,21 @@ def baselines(truth: np.ndarray, bids: np.ndarray, popular: np.ndarray, k: int, 
     return {
         "random": policy_scores(truth, bids, random_ads),
         "popularity": policy_scores(truth, bids, np.tile(popular[:k], (views, 1))),
-        "oracle": policy_scores(truth, bids, np.argsort(-(truth * bids), axis=1)[:, :k]),  # the auction's eCPM order, true pCTR
+        "oracle": policy_scores(truth, bids, oracle_choice(truth, bids, k)),
         "max_ctr": policy_scores(truth, bids, np.argsort(-truth, axis=1)[:, :k]),
     }
+
+
+def draw_views(world, views: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Page views as the log has them: users (V,) drawn by activity, slots (V,) and devices (V,) uniform."""
+    users = rng.choice(len(world.user_weight), views, p=world.user_weight)
+    return users, rng.integers(len(SLOTS), size=views), rng.integers(len(DEVICES), size=views)
+
+
+def truth_matrix(world, generator: GeneratorConfig, users: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """(V, A) true click probability of every ad in each page view of ``users`` (V,) in ``slots`` (V,)."""
+    ads = np.arange(len(world.ad_weight))
+    return click_probability(world, generator, np.repeat(users, len(ads)), np.tile(ads, len(users)), np.repeat(slots, len(ads))).reshape(len(users), len(ads))
 
 
 def popular_ads(raw_dir: Path, ads: int) -> np.ndarray:
@@ -86,9 +103,7 @@ class App:
 
 def play_round(app: App, world, generator: GeneratorConfig, views: int, k: int, rng: np.random.Generator, round_: int) -> dict:
     """Serve ``views`` page views, draw clicks from the truth, post them back; the served ads and clicks."""
-    users = rng.choice(len(world.user_weight), views, p=world.user_weight)
-    slots = rng.integers(len(SLOTS), size=views)
-    devices = rng.integers(len(DEVICES), size=views)
+    users, slots, devices = draw_views(world, views, rng)
     bodies = [{"user_id": f"u{u}", "k": k, "context": {"slot": SLOTS[s], "device": DEVICES[d]}} for u, s, d in zip(users, slots, devices)]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(app.recommend, bodies))
@@ -110,10 +125,7 @@ def play_round(app: App, world, generator: GeneratorConfig, views: int, k: int, 
 
 def round_report(round_: int, played: dict, world, generator: GeneratorConfig, popular: np.ndarray, k: int, rng) -> dict:
     bids = world.ads["bid"].to_numpy()
-    ads = np.arange(len(bids))
-    truth = click_probability(
-        world, generator, np.repeat(played["users"], len(ads)), np.tile(ads, len(played["users"])), np.repeat(played["slots"], len(ads))
-    ).reshape(len(played["users"]), len(ads))
+    truth = truth_matrix(world, generator, played["users"], played["slots"])
     ours_ctr, ours_revenue = policy_scores(truth, bids, played["chosen"])
     other = baselines(truth, bids, popular, k, rng)
     return {
