@@ -53,6 +53,9 @@ def app_url(tiny_run, feedback_dir):
         feedback_dir=str(feedback_dir),
         feedback_secret=SECRET,
         token_ttl_s=TOKEN_TTL_S,
+        # The fault tests count failed requests; on a 2-core box a request can stall past the
+        # default 500 ms while Serve starts a replacement replica. The deadline's own test sets tmax_ms.
+        deadline_ms=5_000,
     )
     serve.run(build_app(args), name="adrec", route_prefix="/", logging_config={"enable_access_log": False})
     yield f"http://127.0.0.1:{port}"
