@@ -60,6 +60,16 @@ def test_platt_recovers_a_known_miscalibration():
     assert expected_calibration_error(labels, platt(logits)) < 0.01 < expected_calibration_error(labels, raw)
 
 
+def test_platt_stays_finite_on_few_rows_with_wide_logits():
+    # A retrained ranker's validation split: 75 rows, logits spread over tens of units. Plain
+    # Newton from a = 1 overshot here and fitted a = 5e10, which served every pCTR as 0 or 1.
+    rng = np.random.default_rng(3)
+    logits = rng.normal(-8.0, 10.0, 75)
+    labels = rng.random(75) < 1 / (1 + np.exp(-(0.3 * logits + 1.0)))
+    platt = Platt.fit(logits, labels)
+    assert abs(platt.a - 0.3) < 0.15 and abs(platt.b - 1.0) < 0.5, platt  # the truth the labels were drawn from
+
+
 def test_platt_with_one_class_is_the_identity():
     assert Platt.fit(np.array([0.3, -1.0]), np.array([1.0, 1.0])) == Platt()
 
