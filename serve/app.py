@@ -34,6 +34,7 @@ from fastapi import FastAPI, Header, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from adrec.auction import FrequencyCap, Marketplace
@@ -61,7 +62,12 @@ logger = logging.getLogger("ray.serve")
 MAX_ID_LENGTH = 256
 MAX_FIELDS = 16  # attributes, context entries and targeting keys per request
 MAX_LIST = 64  # values per ad attribute list (tokens) or targeting key
-ATTEMPTS = 3  # a request whose replica died mid-call is retried on another one, within its deadline
+ATTEMPTS = 3  # a request whose replica died or stalled mid-call is retried on fresh calls, within its deadline
+
+
+def replica_lost(error: BaseException) -> bool:
+    """The chain's replica died (here, or upstream: Serve wraps that in RayServeException) or stalled."""
+    return isinstance(error, (RayActorError, asyncio.TimeoutError)) or isinstance(error.__cause__, RayActorError)
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 
@@ -408,22 +414,31 @@ class Ingress:
         view = self.versions.view
         return view["serving"], view["updates"], await self.versions.get(view["serving"], 0)
 
-    async def retrieve_and_rank(self, features: dict, cold: bool, n: int, model_dir: str, updates: int):
-        """encoder -> index -> ranker, chained replica to replica; retried when a replica dies under the call."""
+    async def retrieve_and_rank(self, features: dict, cold: bool, n: int, model_dir: str, updates: int, deadline: float):
+        """encoder -> index -> ranker, chained replica to replica, on fresh calls up to ``ATTEMPTS`` times
+        before ``deadline`` (a perf_counter time): when a replica dies under the call, and when the
+        chain has not answered in half the time left. Under Serve 2.60 a request caught by a
+        replica's death sometimes never answered (one kill test in three); a fresh call is routed
+        to a live replica."""
         for attempt in range(ATTEMPTS):
+            last = attempt == ATTEMPTS - 1
+            left = deadline - time.perf_counter()
             try:
-                encoded = self.encoder.encode.remote(features, model_dir)
-                shortlist = self.index.shortlist.remote(encoded, n, cold, model_dir, updates)
-                return await self.ranker.rank.remote(features, shortlist, model_dir, updates)
-            except RayActorError:
-                if attempt == ATTEMPTS - 1:
+                return await asyncio.wait_for(self.chain(features, cold, n, model_dir, updates), left if last else left / 2)
+            except (RayActorError, RayServeException, asyncio.TimeoutError) as error:
+                if last or not replica_lost(error):
                     raise
-                logger.warning("adrec: a replica died during a request; retrying on another (attempt %d)", attempt + 2)
+                logger.warning("adrec: %s during a request; retrying on fresh calls (attempt %d)", type(error).__name__, attempt + 2)
 
-    async def run_auction(self, request: RecommendRequest, features: dict, cold: bool, model_dir: str, updates: int):
+    async def chain(self, features: dict, cold: bool, n: int, model_dir: str, updates: int):
+        encoded = self.encoder.encode.remote(features, model_dir)
+        shortlist = self.index.shortlist.remote(encoded, n, cold, model_dir, updates)
+        return await self.ranker.rank.remote(features, shortlist, model_dir, updates)
+
+    async def run_auction(self, request: RecommendRequest, features: dict, cold: bool, model_dir: str, updates: int, deadline: float):
         """(the auction's result, milliseconds per hop); ``hops`` is the chain's time outside the three model calls."""
         chain = time.perf_counter()
-        ranked, timing = await self.retrieve_and_rank(features, cold, max(self.args.shortlist, request.k), model_dir, updates)
+        ranked, timing = await self.retrieve_and_rank(features, cold, max(self.args.shortlist, request.k), model_dir, updates, deadline)
         chain_ms = timed(chain)
         auction = time.perf_counter()
         key, values = user_key(request.user_id), {**request.attributes, **request.context}
@@ -467,7 +482,7 @@ class Ingress:
         budget_s = min(request.tmax_ms or math.inf, self.args.deadline_ms) / 1000
         try:
             result, timing = await asyncio.wait_for(
-                self.run_auction(request, features, cold, model_dir, updates), budget_s - (time.perf_counter() - started)
+                self.run_auction(request, features, cold, model_dir, updates, started + budget_s), budget_s - (time.perf_counter() - started)
             )
         except asyncio.TimeoutError:
             raise HTTPException(503, detail=f"no answer within {budget_s * 1000:.0f} ms (deadline_ms / tmax_ms); serve a fallback and retry later")
