@@ -34,7 +34,6 @@ from fastapi import FastAPI, Header, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from adrec.auction import FrequencyCap, Marketplace
@@ -62,12 +61,12 @@ logger = logging.getLogger("ray.serve")
 MAX_ID_LENGTH = 256
 MAX_FIELDS = 16  # attributes, context entries and targeting keys per request
 MAX_LIST = 64  # values per ad attribute list (tokens) or targeting key
-ATTEMPTS = 3  # a request whose replica died or stalled mid-call is retried on fresh calls, within its deadline
+ATTEMPTS = 3  # model chains sent per request at most: when a replica dies or stalls under one, within its deadline
 
 
 def replica_lost(error: BaseException) -> bool:
-    """The chain's replica died (here, or upstream: Serve wraps that in RayServeException) or stalled."""
-    return isinstance(error, (RayActorError, asyncio.TimeoutError)) or isinstance(error.__cause__, RayActorError)
+    """A replica of the chain died: this one, or one upstream (Serve 2.60 wraps that in RayServeException)."""
+    return isinstance(error, RayActorError) or isinstance(error.__cause__, RayActorError)
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 
@@ -415,22 +414,37 @@ class Ingress:
         return view["serving"], view["updates"], await self.versions.get(view["serving"], 0)
 
     async def retrieve_and_rank(self, features: dict, cold: bool, n: int, model_dir: str, updates: int, deadline: float):
-        """encoder -> index -> ranker, chained replica to replica, on fresh calls up to ``ATTEMPTS`` times
-        before ``deadline`` (a perf_counter time): when a replica dies under the call, and when the
-        chain has not answered in half the time left. Under Serve 2.60 a request caught by a
-        replica's death sometimes never answered (one kill test in three); a fresh call is routed
-        to a live replica."""
-        for attempt in range(ATTEMPTS):
-            last = attempt == ATTEMPTS - 1
-            left = deadline - time.perf_counter()
-            try:
-                return await asyncio.wait_for(self.chain(features, cold, n, model_dir, updates), left if last else left / 2)
-            except (RayActorError, RayServeException, asyncio.TimeoutError) as error:
-                if last or not replica_lost(error):
-                    raise
-                logger.warning("adrec: %s during a request; retrying on fresh calls (attempt %d)", type(error).__name__, attempt + 2)
+        """encoder -> index -> ranker, chained replica to replica, answered before ``deadline`` (a
+        perf_counter time). Hedged: when the chain has not answered in half the time left, another
+        is sent beside it, and the first answer wins; a chain whose replica died is replaced the
+        same way; at most ``ATTEMPTS`` in all. Under Serve 2.60 a request caught by a replica's
+        death sometimes never answered (one kill test in three); a slow but healthy chain keeps running."""
+        running: set[asyncio.Task] = set()
+        sent = 0
+        try:
+            while True:
+                if sent < ATTEMPTS:
+                    running.add(asyncio.ensure_future(self.chain(features, cold, n, model_dir, updates)))
+                    sent += 1
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                done, running = await asyncio.wait(running, timeout=left / 2 if sent < ATTEMPTS else left, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    error = task.exception()
+                    if error is None:
+                        return task.result()
+                    if not replica_lost(error) or (sent == ATTEMPTS and not running):
+                        raise error
+                    logger.warning("adrec: a replica died during a request (%s); sending the chain again", type(error).__name__)
+                if not done and sent == ATTEMPTS:
+                    raise asyncio.TimeoutError  # waited all the time that was left
+        finally:
+            for task in running:
+                task.cancel()
 
     async def chain(self, features: dict, cold: bool, n: int, model_dir: str, updates: int):
+        """One pass through the model deployments: (Shortlist ranked by pCTR x bid, timing)."""
         encoded = self.encoder.encode.remote(features, model_dir)
         shortlist = self.index.shortlist.remote(encoded, n, cold, model_dir, updates)
         return await self.ranker.rank.remote(features, shortlist, model_dir, updates)

@@ -1,5 +1,6 @@
 """The Serve app on the tiny run's exported model, called over real HTTP."""
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -13,13 +14,14 @@ import pytest
 import ray
 import yaml
 from ray import serve
+from ray.exceptions import ActorDiedError
 
 from adrec import export
 from adrec.feedback.compact import run_compaction
 from adrec.feedback.tokens import Impression, Signer
 from adrec.features import OOV, FeatureMap
 from adrec.recommend import FeatureBuilder, UserQuery, UserStore, feature_builder, user_key
-from serve.app import AppArgs, build_app, shutdown
+from serve.app import AppArgs, Ingress, build_app, shutdown
 from adrec.runtime import wait_until_ok
 from tests.conftest import free_port
 
@@ -294,6 +296,46 @@ def test_killing_one_of_two_encoder_replicas_under_load_fails_no_request(app_url
     while len(encoder_replicas()) < 2 and time.monotonic() < deadline:  # Serve replaces it
         time.sleep(1)
     assert len(encoder_replicas()) == 2
+
+
+class Chains:
+    """Stand-in model chains for the ingress's hedging: each (outcome, seconds) in turn."""
+
+    def __init__(self, *behaviours: tuple[str, float]) -> None:
+        self.behaviours, self.sent = iter(behaviours), 0
+
+    async def chain(self, *args):
+        self.sent += 1
+        number, (outcome, seconds) = self.sent, next(self.behaviours)
+        await asyncio.sleep(seconds)
+        if outcome == "dead":
+            raise ActorDiedError()
+        if outcome == "bug":
+            raise ValueError("a bug, not a lost replica")
+        return f"answer of chain {number}"
+
+
+@pytest.mark.parametrize(
+    "behaviours, answer, sent",
+    [
+        ([("ok", 0.01)], "answer of chain 1", 1),
+        ([("ok", 60), ("ok", 0.01)], "answer of chain 2", 2),  # stalled: a second chain answers
+        ([("ok", 0.7), ("ok", 60)], "answer of chain 1", 2),  # slow but healthy: a second is sent at 0.5 s, the first still wins
+        ([("dead", 0.01), ("ok", 0.01)], "answer of chain 2", 2),
+        ([("bug", 0.01)], ValueError, 1),  # not retried
+        ([("dead", 0.01)] * 3, ActorDiedError, 3),
+        ([("ok", 60)] * 3, asyncio.TimeoutError, 3),
+    ],
+)
+def test_the_model_chain_is_hedged_within_the_deadline(behaviours, answer, sent):
+    chains = Chains(*behaviours)
+    call = Ingress.func_or_class.retrieve_and_rank(chains, {}, False, 10, "model", 0, time.perf_counter() + 1.0)
+    if isinstance(answer, str):
+        assert asyncio.run(call) == answer
+    else:
+        with pytest.raises(answer):
+            asyncio.run(call)
+    assert chains.sent == sent
 
 
 def test_a_reload_under_load_swaps_the_version_and_fails_no_request(app_url, tiny_run):
