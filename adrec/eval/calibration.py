@@ -23,7 +23,7 @@ class Platt:
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """(N,) raw logits -> (N,) calibrated probabilities."""
-        return 1.0 / (1.0 + np.exp(-(self.a * np.asarray(logits, np.float64) + self.b)))
+        return sigmoid(self.a * np.asarray(logits, np.float64) + self.b)
 
     @classmethod
     def fit(cls, logits: np.ndarray, labels: np.ndarray, iterations: int = 100) -> "Platt":
@@ -48,13 +48,13 @@ class Platt:
             gradient = np.array([np.sum((p - target) * x), np.sum(p - target)])
             hessian = np.array([[np.sum(w * x * x), np.sum(w * x)], [np.sum(w * x), np.sum(w)]]) + 1e-9 * np.eye(2)
             step = np.linalg.solve(hessian, gradient)
-            scale = 1.0
-            while scale > 1e-10 and smoothed_log_loss(x, target, a - scale * step[0], b - scale * step[1]) > loss:
+            scale, trial = 1.0, smoothed_log_loss(x, target, a - step[0], b - step[1])
+            while trial > loss and scale > 1e-10:
                 scale /= 2
-            if scale <= 1e-10:  # no step lowers the loss: at the minimum, up to rounding
+                trial = smoothed_log_loss(x, target, a - scale * step[0], b - scale * step[1])
+            if trial > loss:  # no step lowers the loss: at the minimum, up to rounding
                 break
-            a, b = a - scale * step[0], b - scale * step[1]
-            loss = smoothed_log_loss(x, target, a, b)
+            a, b, loss = a - scale * step[0], b - scale * step[1], trial
             if np.abs(scale * step).max() < 1e-10:
                 break
         return cls(float(a), float(b))

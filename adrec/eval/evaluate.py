@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
-from adrec.eval.calibration import Platt
+from adrec.eval.calibration import Platt, sigmoid
 from adrec.eval.metrics import (
     auc,
     classification_metrics,
@@ -94,7 +94,7 @@ def ranking_report(scored: dict, calibration: Platt, popularity: np.ndarray) -> 
     labels, ad_row = scored["label"], scored["ad_row"]
     probs = calibration(scored["logit"])
     metrics = classification_metrics(labels, probs)
-    raw = classification_metrics(labels, 1 / (1 + np.exp(-scored["logit"])))
+    raw = classification_metrics(labels, sigmoid(scored["logit"]))
     metrics.update({"uncalibrated_logloss": raw["logloss"], "uncalibrated_ece": raw["ece"], "uncalibrated_mean_pctr": raw["mean_pctr"]})
     metrics["gauc"] = group_auc(labels, probs, scored["user_key"])
     # Ads the model has no id embedding for: only their content features speak for them.
