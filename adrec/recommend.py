@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from adrec.ads import AdUpdate, encode_ad
 from adrec.auction import RULES, AuctionResult, Candidate, Marketplace
 from adrec.data.privacy import pseudonym_key, pseudonymize
 from adrec.eval.calibration import Platt
@@ -29,6 +31,9 @@ from adrec.features import FeatureMap, FeatureSpec
 from adrec.index import build_index
 from adrec.inference import catalog_lookups, column_to_numpy, to_features
 from adrec.registry import load_ad_embeddings, load_ranker, load_tower, resolve_model_dir, verify_manifest
+
+logger = logging.getLogger(__name__)
+REJECTIONS_KEPT = 20  # the latest skipped updates each side reports (GET /model); the count covers all
 
 
 @dataclass
@@ -117,27 +122,6 @@ class FeatureBuilder:
 
 
 
-def ad_columns(feature_map: FeatureMap) -> list[str]:
-    """The raw inputs an ad states besides its id (e.g. advertiser_id, campaign_id, category, tokens)."""
-    return sorted({f.column for f in feature_map.features if f.group == "ad" and f.name != "ad_id"})
-
-
-@dataclass
-class AdUpdate:
-    """A new or changed ad as the advertiser states it: raw values, encoded by each model version."""
-
-    ad_id: str
-    campaign_id: str
-    bid: float
-    attributes: dict[str, str | list[str]] = field(default_factory=dict)  # e.g. {"category": "cat3", "tokens": ["shoes"]}
-
-    def raw_table(self) -> pa.Table:
-        columns = {"ad_id": [self.ad_id], "campaign_id": [self.campaign_id]}
-        for name, value in self.attributes.items():
-            columns[name] = [value]
-        return pa.table(columns)
-
-
 def grow(array: np.ndarray, row: int, value: np.ndarray) -> np.ndarray:
     """``array`` with ``value`` at ``row``, appended when ``row == len(array)``. Admin writes are rare,
     so a copy per new ad (about 50 ms at a million ads) buys simple, read-optimised arrays."""
@@ -167,9 +151,19 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.ad_ids)
 
+    def row_for(self, ad_id: str) -> int:
+        """The ad's row: its own when known, else the next one."""
+        return self.row_of.get(ad_id, len(self.ad_ids))
+
     def upsert(self, update: AdUpdate, encoded: dict[str, np.ndarray]) -> int:
-        """Write one ad (its encoded features: (1,) or (1, L) per name); return its row."""
-        row = self.row_of.get(update.ad_id, len(self.ad_ids))
+        """Write one ad (its encoded features: (1,) or (1, L) per name); return its row.
+
+        Every value is taken before anything changes, so a missing feature leaves the catalog as it was.
+        """
+        missing = sorted(set(self.features) - set(encoded))
+        if missing:
+            raise KeyError(f"ad {update.ad_id!r} lacks encoded features {missing}")
+        row = self.row_for(update.ad_id)
         if row == len(self.ad_ids):
             self.ad_ids.append(update.ad_id)
             self.campaigns.append(update.campaign_id)
@@ -195,6 +189,42 @@ class Catalog:
             pctr=pctr,
             attributes={name: [values[r] for r in rows.tolist()] for name, values in self.attributes.items()},
         )
+
+
+class UpdateReader:
+    """How far one side has read the serving state's ad log, and the updates it had to skip.
+
+    An update the feature map cannot encode is skipped, and so is one whose write fails: a
+    side that stopped at it would fail every later request that needs the log's count. The
+    check is deterministic, so every replica of a version skips the same updates and their
+    catalog rows stay aligned.
+    """
+
+    def __init__(self, feature_map: FeatureMap, deployment: str) -> None:
+        self.feature_map = feature_map
+        self.deployment = deployment
+        self.applied = 0  # log entries read, applied or skipped, in the log's order
+        self.rejected_count = 0
+        self.rejected: list[dict] = []  # the latest REJECTIONS_KEPT: {position, ad_id, reason}
+
+    def read(self, updates: list[AdUpdate], write) -> None:
+        """``write(update, encoded)`` each update that encodes, in order; skip and record the rest."""
+        for update in updates:
+            self.applied += 1
+            try:
+                write(update, encode_ad(self.feature_map, update))
+            except Exception as error:  # noqa: BLE001 - any bad entry, whatever it breaks, is skipped, never retried forever
+                self.reject(update, error)
+
+    def reject(self, update: AdUpdate, error: Exception) -> None:
+        ad_id = getattr(update, "ad_id", None)
+        reason = f"{type(error).__name__}: {error}"[:500]
+        logger.warning("adrec %s: skipped ad update %d (ad %r): %s", self.deployment, self.applied, ad_id, reason)
+        self.rejected_count += 1
+        self.rejected = [*self.rejected, {"position": self.applied, "ad_id": str(ad_id)[:256], "reason": reason}][-REJECTIONS_KEPT:]
+
+    def report(self) -> dict:
+        return {"applied": self.applied, "rejected": self.rejected_count, "latest_rejected": self.rejected}
 
 
 @dataclass
@@ -255,11 +285,6 @@ def run_rounds(rounds, call) -> AuctionResult:
         return done.value
 
 
-def encode_ads(feature_map: FeatureMap, update: AdUpdate) -> dict[str, np.ndarray]:
-    """One ad's model inputs with the training transforms: (1,) ids, (1, L) sequences."""
-    return feature_map.encode(update.raw_table())
-
-
 def load_feature_map(model_dir: Path) -> FeatureMap:
     return FeatureMap.load(model_dir / "feature_map.json")
 
@@ -302,7 +327,12 @@ class RetrievalSide:
         vectors = load_ad_embeddings(self.model_dir).numpy()
         self.index = build_index(vectors, recall_queries=sample_user_vectors(self.model_dir), **(index_options or {}))
         self.popular_rows = popular_rows(self.feature_map, self.catalog, popular)
-        self.applied = 0  # ad updates applied, in the order the serving state logged them
+        self.updates = UpdateReader(self.feature_map, "ad_index")
+
+    @property
+    def applied(self) -> int:
+        """Entries of the serving state's ad log read so far, applied or skipped."""
+        return self.updates.applied
 
     def shortlist(self, user: np.ndarray, n: int, cold: list[bool]) -> list[tuple[np.ndarray, np.ndarray]]:
         """U (B, D) -> per user (rows (n',), scores (n',)) best first; cold users also get the popular ads."""
@@ -318,15 +348,18 @@ class RetrievalSide:
             out.append((found, found_scores.astype(np.float32)))
         return out
 
-    @torch.no_grad()
     def apply(self, updates: list[AdUpdate]) -> None:
-        """Embed each new or changed ad with this version's ad tower and write it into the index."""
-        for update in updates:
-            encoded = encode_ads(self.feature_map, update)
-            row = self.catalog.upsert(update, encoded)
-            vector = self.ad_tower(to_features({n: self.catalog.features[n][row : row + 1] for n in self.ad_tower.feature_names}, self.ad_tower.feature_names))
-            self.index.upsert(np.array([row]), vector.numpy())
-        self.applied += len(updates)
+        """Embed each new or changed ad with this version's ad tower and write it into the index;
+        an update the feature map rejects is skipped (``self.updates.report()``)."""
+        self.updates.read(updates, self.write)
+
+    @torch.no_grad()
+    def write(self, update: AdUpdate, encoded: dict[str, np.ndarray]) -> None:
+        # The vector first, then the index, then the catalog: a failure leaves both as they were.
+        names = self.ad_tower.feature_names
+        vector = self.ad_tower(to_features({n: encoded[n] for n in names}, names)).numpy()
+        self.index.upsert(np.array([self.catalog.row_for(update.ad_id)]), vector)
+        self.catalog.upsert(update, encoded)
 
 
 class RankingSide:
@@ -342,7 +375,11 @@ class RankingSide:
         self.logit_bias = float(meta["logit_bias"])
         calibration = (meta.get("ranker") or {}).get("calibration") if self.ranker is not None else meta.get("calibration")
         self.calibration = Platt(calibration["a"], calibration["b"]) if calibration else Platt()
-        self.applied = 0
+        self.updates = UpdateReader(self.feature_map, "ranker")
+
+    @property
+    def applied(self) -> int:
+        return self.updates.applied
 
     @torch.no_grad()
     def pctr(self, user_features: dict[str, np.ndarray], rows: np.ndarray, tower_scores: np.ndarray) -> np.ndarray:
@@ -360,9 +397,8 @@ class RankingSide:
         return self.catalog.shortlist(rows, self.pctr(user_features, rows, tower_scores))
 
     def apply(self, updates: list[AdUpdate]) -> None:
-        for update in updates:
-            self.catalog.upsert(update, encode_ads(self.feature_map, update))
-        self.applied += len(updates)
+        """Write each update into the catalog; the same updates as the index's are skipped."""
+        self.updates.read(updates, self.catalog.upsert)
 
 
 def popular_rows(feature_map: FeatureMap, catalog: Catalog, count: int) -> np.ndarray:

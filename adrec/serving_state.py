@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from adrec.recommend import AdUpdate
+from adrec.ads import AdUpdate
 
 
 @dataclass

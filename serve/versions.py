@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 import ray
 from ray import serve
+from ray.util.metrics import Counter
 
 from adrec.serving_state import ServingState
 
@@ -50,6 +51,7 @@ class Versions(Generic[Side]):
         except Exception:  # outside a replica (local testing): one name is enough
             self.replica = f"{deployment}-local"
         self.poller: asyncio.Task | None = None
+        self._rejections: Counter | None = None
 
     def start(self, model_dir: str) -> None:
         """Load the serving version now (the replica is not ready before), then poll in the background."""
@@ -61,7 +63,20 @@ class Versions(Generic[Side]):
     def catch_up_now(self, model_dir: str, updates: int) -> None:
         side = self.sides[model_dir]
         if hasattr(side, "apply") and side.applied < updates:
-            side.apply(ray.get(self.state.ads_since.remote(side.applied, updates)))
+            self._apply(side, ray.get(self.state.ads_since.remote(side.applied, updates)))
+
+    def _apply(self, side, updates: list) -> None:
+        """Apply logged ad updates; the ones this version cannot encode are skipped and counted."""
+        rejected = side.updates.rejected_count
+        side.apply(updates)
+        if side.updates.rejected_count > rejected:
+            self.rejections().inc(side.updates.rejected_count - rejected)
+
+    def rejections(self) -> Counter:
+        if self._rejections is None:  # made on first use: a metric needs a running Ray worker
+            self._rejections = Counter("adrec_ad_updates_rejected", "ad updates a replica skipped because its model version cannot encode them",
+                                       tag_keys=("deployment",)).set_default_tags({"deployment": self.deployment})
+        return self._rejections
 
     def ensure_polling(self) -> None:
         if self.poller is None or self.poller.done():
@@ -107,7 +122,7 @@ class Versions(Generic[Side]):
             return
         async with self.locks.setdefault(model_dir, asyncio.Lock()):  # one fetch-and-apply at a time, in log order
             if side.applied < updates:
-                side.apply(await self.state.ads_since.remote(side.applied, updates))
+                self._apply(side, await self.state.ads_since.remote(side.applied, updates))
 
     def serving(self) -> str:
         return self.view.get("serving")

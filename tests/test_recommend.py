@@ -7,9 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from adrec.ads import AdUpdate, encode_ad
 from adrec.auction import FrequencyCap, Marketplace
 from adrec.inference import embed
-from adrec.recommend import AdUpdate, LocalRecommender, RankingSide, Shortlist, UserQuery, auction_rounds, encode_ads, run_rounds
+from adrec.recommend import Catalog, LocalRecommender, RankingSide, Shortlist, UserQuery, auction_rounds, run_rounds
 from adrec.serving_state import ServingState
 
 
@@ -78,10 +79,37 @@ def test_an_upserted_ad_is_embedded_into_the_index_and_known_to_the_ranker(local
     assert row == size == local.ranking.catalog.row_of["fresh-ad"] and local.retrieval.index.size == size + 1
     # Its vector is the ad tower's output for its raw features, encoded as in preparation.
     tower = local.retrieval.ad_tower
-    expected = embed(tower, pa.table({n: list(v) if v.ndim == 2 else v for n, v in encode_ads(local.retrieval.feature_map, update).items()}))
+    expected = embed(tower, pa.table({n: list(v) if v.ndim == 2 else v for n, v in encode_ad(local.retrieval.feature_map, update).items()}))
     assert np.allclose(local.retrieval.index.vectors[row], expected[0].numpy(), atol=1e-6)
     local.upsert_ad(AdUpdate("fresh-ad", "fresh-campaign", 2.0, update.attributes))  # an update rewrites its row
     assert local.retrieval.index.size == size + 1 and local.ranking.catalog.bids[row] == 2.0
+
+
+def test_updates_a_version_cannot_encode_are_skipped_alike_by_index_and_ranker(tiny_run):
+    local = LocalRecommender(tiny_run["export"]["model_dir"], Marketplace(FrequencyCap(100, 3600)), shortlist=50, popular=10)
+    attributes = {k: raw_ad(tiny_run)[k] for k in ("advertiser_id", "category", "tokens")}
+    size = local.retrieval.index.size
+    log = [AdUpdate("good-1", "c", 1.0, attributes), AdUpdate("no-inputs", "c", 1.0, {}), {"not": "an update"},
+           AdUpdate("bad-bid", "c", float("nan"), attributes), AdUpdate("good-2", "c", 2.0, attributes)]
+    local.retrieval.apply(log)
+    local.ranking.apply(log)
+    for side in (local.retrieval, local.ranking):
+        report = side.updates.report()
+        assert report["applied"] == len(log) and report["rejected"] == 3, report
+        assert [r["ad_id"] for r in report["latest_rejected"]] == ["no-inputs", "None", "bad-bid"]
+        assert "advertiser_id" in report["latest_rejected"][0]["reason"]
+        assert (side.catalog.row_of["good-1"], side.catalog.row_of["good-2"], len(side.catalog)) == (size, size + 1, size + 2)
+    assert local.retrieval.index.size == size + 2
+    assert local.recommend(UserQuery("after-skips"), 5)[0].ads  # and it still serves
+
+
+def test_a_catalog_write_missing_a_feature_changes_nothing(tiny_run):
+    catalog = Catalog(pq.read_table(Path(tiny_run["export"]["model_dir"]) / "ads.parquet"), ["ad_id", "category"])
+    before = (list(catalog.ad_ids), catalog.bids.copy(), {n: v.copy() for n, v in catalog.features.items()})
+    with pytest.raises(KeyError, match="category"):
+        catalog.upsert(AdUpdate("half-ad", "c", 1.0), {"ad_id": np.array([2])})
+    assert catalog.ad_ids == before[0] and np.array_equal(catalog.bids, before[1])
+    assert all(np.array_equal(catalog.features[n], before[2][n]) for n in before[2]) and "half-ad" not in catalog.row_of
 
 
 class Clock:
