@@ -25,27 +25,26 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 import ray
 import torch
-from fastapi import FastAPI, Header, HTTPException, Response
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from adrec.ads import AdUpdate, check_ad_update
 from adrec.auction import FrequencyCap, Marketplace
 from adrec.feedback.log import SegmentLog
 from adrec.feedback.tokens import Impression, Signer, TokenError
 from adrec.recommend import (
-    AdUpdate,
     RankingSide,
     RetrievalSide,
     UserQuery,
     UserSide,
-    ad_columns,
     auction_rounds,
     feature_builder,
     is_cold,
@@ -54,204 +53,46 @@ from adrec.recommend import (
 )
 from adrec.registry import ArtifactError, resolve_model_dir
 from adrec.runtime import resolve
+from serve import errors
+from serve.errors import error, responses
+from serve.middleware import BodyLimit
+from serve.schemas import (
+    MAX_ID_LENGTH,
+    AdAnswer,
+    AdRequest,
+    AppArgs,
+    CapArgs,
+    FeedbackAnswer,
+    FeedbackRequest,
+    RecommendedAd,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadAnswer,
+    ReloadRequest,
+    model_openapi,
+)
 from serve.versions import STATE_NAMESPACE, Versions, state_actor
 
 logger = logging.getLogger("ray.serve")
 
-MAX_ID_LENGTH = 256
-MAX_FIELDS = 16  # attributes, context entries and targeting keys per request
-MAX_LIST = 64  # values per ad attribute list (tokens) or targeting key
 ATTEMPTS = 3  # model chains sent per request at most: when a replica dies or stalls under one, within its deadline
 
 
-def replica_lost(error: BaseException) -> bool:
+def replica_lost(failure: BaseException) -> bool:
     """A replica of the chain died: this one, or one upstream (Serve 2.60 wraps that in RayServeException)."""
-    return isinstance(error, RayActorError) or isinstance(error.__cause__, RayActorError)
-
-Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
-
-
-class Strict(BaseModel):
-    """Unknown fields are errors, so a typo ("topk", "max_replica") is reported, not ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class Replicas(Strict):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(4, gt=0)
-    max_ongoing_requests: int = Field(32, ge=1)
-    num_cpus: float = Field(0.25, ge=0, description="reserved per replica; fractional, so all four deployments fit a 2-core node")
-
-    @model_validator(mode="after")
-    def replicas_in_order(self) -> "Replicas":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
-        return self
-
-    def options(self) -> dict:
-        return {
-            "autoscaling_config": {
-                "min_replicas": self.min_replicas,
-                "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.target_ongoing_requests,
-            },
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus},
-            "health_check_period_s": 2,
-        }
-
-
-class EncoderArgs(Replicas):
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
-
-
-class IndexArgs(Replicas):
-    exact_max_ads: int = Field(50_000, ge=0, description="catalogs up to this size are searched exactly; larger ones by FAISS IVF")
-    nprobe: int = Field(32, ge=1)
-    nlist: int | None = Field(None, ge=1)
-
-
-class CapArgs(Strict):
-    max_impressions: int = Field(3, ge=1)
-    window_s: float = Field(3600, gt=0)
-
-
-class AppArgs(Strict):
-    """Arguments of ``build_app``, from a Serve config's ``args`` or the ``serve run`` command line."""
-
-    model_dir: str = Field(..., description="an exported model version directory, or a registry root with LATEST")
-    max_k: int = Field(100, ge=1)
-    max_history: int = Field(50, ge=0)
-    max_body_bytes: int = Field(65_536, ge=1024)
-    deadline_ms: float = Field(500, gt=0, description="a request with no answer by then gets 503")
-    shortlist: int = Field(200, ge=1, description="ads retrieved by U . V and re-ranked")
-    popular: int = Field(50, ge=0, description="popular ads added to a cold user's shortlist")
-    frequency_cap: CapArgs = CapArgs()
-    explore: float = Field(0.0, ge=0, le=1, description="share of slots given to a random eligible ad (epsilon-greedy), propensity logged")
-    admin_token: SecretStr | None = Field(None, description="bearer token of PUT /ads and /admin; prefer admin_token_env")
-    admin_token_env: str = "ADREC_ADMIN_TOKEN"
-    reload_timeout_s: float = Field(120, gt=0)
-    feedback_dir: str | None = Field(None, description="where POST /feedback appends its segments; None: feedback is off")
-    feedback_secret: SecretStr | None = Field(None, description="HMAC key of impression tokens; prefer feedback_secret_env")
-    feedback_secret_env: str = "ADREC_FEEDBACK_SECRET"
-    token_ttl_s: float = Field(7 * 86_400, gt=0, description="how long after serving an impression its feedback is accepted")
-    max_events: int = Field(100, ge=1, description="events per POST /feedback (the body limit applies too)")
-    poll_s: float = Field(0.5, gt=0)
-    ingress: Replicas = Replicas()
-    user_encoder: EncoderArgs = EncoderArgs()
-    ad_index: IndexArgs = IndexArgs()
-    ranker: Replicas = Replicas()
-
-
-class RecommendRequest(Strict):
-    user_id: Id
-    k: int = Field(10, ge=1)
-    recent_ad_ids: list[Id] = Field(default_factory=list, description="ads the user clicked recently, most recent first")
-    attributes: dict[Id, Id] = Field(
-        default_factory=dict, max_length=MAX_FIELDS, description="profile attributes, for users the model has not seen"
-    )
-    context: dict[Id, Id] = Field(
-        default_factory=dict, max_length=MAX_FIELDS, description="page-view context, e.g. {'slot': 'top', 'device': 'mobile'}"
-    )
-    tmax_ms: float | None = Field(None, gt=0, description="the ad server's own deadline (as OpenRTB's tmax); the app's deadline_ms caps it")
-
-
-class RecommendedAd(BaseModel):
-    ad_id: str
-    campaign_id: str
-    pctr: float
-    bid: float
-    ecpm: float
-    propensity: float = Field(description="probability the auction gave this ad its slot (1 without exploration)")
-    token: str | None = Field(None, description="signed proof of this impression; feedback events about it carry it")
-
-
-class RecommendResponse(BaseModel):
-    request_id: str
-    user_id: str
-    model_version: str
-    cold_start: bool = Field(description="no history in the request or the log: ranked from features, context and popularity")
-    ads: list[RecommendedAd]
-    candidates: int
-    removed: dict[str, int] = Field(
-        description="candidates each auction rule removed, of those examined: best pCTR x bid first, until k were chosen"
-    )
-
-
-class AdRequest(Strict):
-    campaign_id: Id
-    bid: float = Field(gt=0, allow_inf_nan=False)
-    attributes: dict[Id, Id | Annotated[list[Id], Field(max_length=MAX_LIST)]] = Field(default_factory=dict, max_length=MAX_FIELDS)
-    budget: float | None = Field(None, ge=0, allow_inf_nan=False, description="the campaign's budget; spend at or above it stops serving")
-    targeting: dict[Id, Annotated[list[Id], Field(min_length=1, max_length=MAX_LIST)]] | None = Field(None, max_length=MAX_FIELDS)
-
-
-class FeedbackEvent(Strict):
-    event_id: Id = Field(description="the client's id; a replayed event is stored once")
-    event: Literal["impression", "click", "conversion"]
-    user_id: Id
-    token: Annotated[str, Field(min_length=1, max_length=2048)] = Field(description="the token of the ad, from the /recommend answer")
-    ts: float | None = Field(None, description="when it happened, seconds since the epoch; default: when received")
-
-
-class FeedbackRequest(Strict):
-    events: list[FeedbackEvent] = Field(min_length=1)
-
-
-class ReloadRequest(Strict):
-    version: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = Field(
-        None, description="a version folder of the registry; omitted: the one LATEST names"
-    )
-
-
-def too_large(field: str, message: str) -> HTTPException:
-    return HTTPException(413, detail=[{"loc": ["body", field], "msg": message}])
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for bodies over ``app.state.max_body_bytes``, declared or streamed."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = getattr(api.state, "max_body_bytes", 65_536)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await reject_body(send, limit)
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except BodyTooLarge:
-            await reject_body(send, limit)
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def reject_body(send, limit: int) -> None:
-    body = f'{{"detail":[{{"loc":["body"],"msg":"request body over {limit} bytes"}}]}}'.encode()
-    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body})
+    return isinstance(failure, RayActorError) or isinstance(failure.__cause__, RayActorError)
 
 
 api = FastAPI(title="adrec", description="Personalized ad recommendations: two-tower retrieval, DCN ranking, an eCPM auction.")
 api.add_middleware(BodyLimit)
+errors.install(api)
+bearer = HTTPBearer(auto_error=False, description="the admin token (ADREC_ADMIN_TOKEN) of PUT /ads and /admin")
+
+
+# Helpers the deployments call stand above them: Serve pickles a deployment's class when it is
+# decorated, with the module globals that exist by then.
+def feedback_secret(args: AppArgs) -> str | None:
+    return args.feedback_secret.get_secret_value() if args.feedback_secret else os.environ.get(args.feedback_secret_env) or None
 
 
 def one_thread() -> None:
@@ -311,7 +152,7 @@ class AdIndex:
     async def describe(self, model_dir: str, updates: int, ad_id: str | None = None) -> dict:
         side = await self.versions.get(model_dir, updates)
         index = side.index
-        info = {"kind": index.kind, "size": index.size, "recall": index.recall}
+        info = {"kind": index.kind, "size": index.size, "recall": index.recall, "updates": side.updates.report()}
         if ad_id is not None:
             info["ad_row"] = side.catalog.row_of.get(ad_id)
         return info
@@ -335,6 +176,9 @@ class Ranker:
         ranked = side.shortlist(features, rows, scores)
         return ranked, {**timing, "rank": timed(started)}
 
+    async def describe(self, model_dir: str, updates: int) -> dict:
+        return {"updates": (await self.versions.get(model_dir, updates)).updates.report()}
+
 
 class IngressSide:
     """What the ingress needs of one version: the request -> features transform and the names it accepts."""
@@ -342,7 +186,7 @@ class IngressSide:
     def __init__(self, model_dir: str) -> None:
         self.model_dir, self.version = verified(model_dir)
         self.features = feature_builder(self.model_dir)
-        self.ad_columns = [c for c in ad_columns(self.features.feature_map) if c != "campaign_id"]
+        self.openapi: dict | None = None  # the app's document narrowed to this version, built on first ask
 
 
 def market_actor(app_name: str, cap: CapArgs, explore: float):
@@ -366,6 +210,7 @@ class Ingress:
         self.versions.start(self.args.model_dir)
         self.registry = Path(self.args.model_dir).parent
         api.state.max_body_bytes = self.args.max_body_bytes
+        api.openapi = self.openapi  # FastAPI's documented hook: the document says what this version accepts
         token = self.args.admin_token.get_secret_value() if self.args.admin_token else os.environ.get(self.args.admin_token_env)
         self.admin_token = token or None
         self.signer, self.feedback_log = self.feedback_setup()
@@ -380,7 +225,7 @@ class Ingress:
     def feedback_setup(self) -> tuple[Signer | None, SegmentLog | None]:
         """The token signer (when a secret is configured) and this replica's segment writer (when a feedback_dir is)."""
         args = self.args
-        secret = args.feedback_secret.get_secret_value() if args.feedback_secret else os.environ.get(args.feedback_secret_env)
+        secret = feedback_secret(args)
         signer = Signer(secret.encode(), args.token_ttl_s) if secret else None
         log = None
         if signer is not None and args.feedback_dir:
@@ -394,20 +239,31 @@ class Ingress:
                                 request.context.get("slot"), request.context.get("device"), ad.propensity)
         return self.signer.sign(impression)
 
-    def require_admin(self, authorization: str | None) -> None:
+    def openapi(self) -> dict:
+        """The OpenAPI document of the serving version (GET /openapi.json, /docs)."""
+        side = self.versions.sides.get(self.versions.view.get("serving"))
+        if side is None:
+            return FastAPI.openapi(api)
+        if side.openapi is None:
+            side.openapi = model_openapi(FastAPI.openapi(api), self.args, side.features.feature_map)
+        return side.openapi
+
+    def require_admin(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         if self.admin_token is None:
-            raise HTTPException(403, detail=f"write and admin endpoints are off: set {self.args.admin_token_env} (or args.admin_token)")
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.admin_token.encode()):
-            raise HTTPException(401, detail="a valid 'Authorization: Bearer <token>' header is required", headers={"WWW-Authenticate": "Bearer"})
+            raise error(403, f"write and admin endpoints are off: set {self.args.admin_token_env} (or args.admin_token)", "forbidden")
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), self.admin_token.encode()):
+            raise error(401, "a valid 'Authorization: Bearer <token>' header is required", "unauthorized", ["header", "authorization"],
+                        headers={"WWW-Authenticate": "Bearer"})
 
     def version_dir(self, version: str | None) -> Path:
         """A version folder of this app's registry (never an arbitrary path), verified."""
+        target = self.registry / version if version else self.registry
+        if version in (".", "..") or not target.is_dir():  # the pattern admits dots; never a folder outside the registry
+            raise error(404, f"{self.registry.name} has no version {version!r}", "not_found", ["body", "version"])
         try:
-            target = self.registry / version if version else resolve_model_dir(self.registry)
-            return verified(target)[0]
-        except (ArtifactError, OSError) as error:
-            raise HTTPException(422, detail=[{"loc": ["body", "version"], "msg": f"not a loadable version of {self.registry.name}: {error}"}])
+            return verified(resolve_model_dir(target))[0]
+        except (ArtifactError, OSError) as failure:
+            raise error(422, f"not a loadable version of {self.registry.name}: {failure}", "not_loadable", ["body", "version"])
 
     async def side(self) -> tuple[str, int, IngressSide]:
         view = self.versions.view
@@ -472,23 +328,30 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "ok", "model_version": (await self.side())[2].version}
 
-    @api.post("/recommend", response_model=RecommendResponse)
-    async def recommend(self, request: RecommendRequest, response: Response) -> RecommendResponse:
-        started = time.perf_counter()
+    def request_problems(self, request: RecommendRequest, side: IngressSide) -> list[dict]:
+        """What the model and the app's limits refuse in a schema-valid request (the OpenAPI document states them)."""
+        problems = []
         if request.k > self.args.max_k:
-            raise too_large("k", f"k is {request.k}; at most {self.args.max_k}")
+            problems.append({"loc": ["body", "k"], "msg": f"k is {request.k}; at most {self.args.max_k} (max_k)", "type": "less_than_equal"})
         if len(request.recent_ad_ids) > self.args.max_history:
-            raise too_large("recent_ad_ids", f"{len(request.recent_ad_ids)} recent ads; at most {self.args.max_history}")
-        model_dir, updates, side = await self.side()
+            problems.append({"loc": ["body", "recent_ad_ids"], "msg": f"{len(request.recent_ad_ids)} recent ads; at most {self.args.max_history} (max_history)",
+                             "type": "too_long"})
         known = {"attributes": side.features.attribute_columns, "context": side.features.context_columns}
-        unknown = [
-            {"loc": ["body", field, key], "msg": f"unknown {field} field; this model knows {known[field]}"}
+        problems += [
+            {"loc": ["body", field, key], "msg": f"unknown {field} field; this model knows {known[field]}", "type": "extra_forbidden"}
             for field in ("attributes", "context")
             for key in getattr(request, field)
             if key not in known[field]
         ]
-        if unknown:
-            raise HTTPException(422, detail=unknown)
+        return problems
+
+    @api.post("/recommend", response_model=RecommendResponse, responses=responses(400, 413, 422, 503))
+    async def recommend(self, request: RecommendRequest, response: Response) -> RecommendResponse:
+        started = time.perf_counter()
+        model_dir, updates, side = await self.side()
+        problems = self.request_problems(request, side)
+        if problems:
+            raise HTTPException(422, detail=problems)
         query = UserQuery(request.user_id, request.recent_ad_ids, request.attributes, request.context)
         features = side.features.build([query])
         cold = is_cold(side.features, query)
@@ -499,7 +362,7 @@ class Ingress:
                 self.run_auction(request, features, cold, model_dir, updates, started + budget_s), budget_s - (time.perf_counter() - started)
             )
         except asyncio.TimeoutError:
-            raise HTTPException(503, detail=f"no answer within {budget_s * 1000:.0f} ms (deadline_ms / tmax_ms); serve a fallback and retry later")
+            raise error(503, f"no answer within {budget_s * 1000:.0f} ms (deadline_ms / tmax_ms); serve a fallback and retry later", "deadline")
         timing = {"features": feature_ms, **timing, "total": timed(started)}
         response.headers["Server-Timing"] = ", ".join(f"{name};dur={value:.2f}" for name, value in timing.items())
         request_id = uuid.uuid4().hex
@@ -513,31 +376,46 @@ class Ingress:
             removed=result.removed,
         )
 
-    @api.put("/ads/{ad_id}")
-    async def put_ad(self, ad_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)], ad: AdRequest,
-                     authorization: Annotated[str | None, Header()] = None) -> dict:
-        """Add or change an ad: embedded by the serving version's ad tower and inserted into the index, no restart."""
-        self.require_admin(authorization)
+    def ad_problems(self, update: AdUpdate) -> list[dict]:
+        """What stops the serving version, or the one rolling out, from encoding ``update``: checked
+        before the update is logged, because every index and ranker replica replays the log."""
+        view = self.versions.view
+        sides = [self.versions.sides[d] for d in (view.get("serving"), view.get("target")) if d in self.versions.sides]
+        problems = {}
+        for side in sides:
+            for found in check_ad_update(side.features.feature_map, update):
+                where = ["path"] if found["loc"][0] == "ad_id" else ["body"]
+                problems.setdefault(str(found["loc"]), {**found, "loc": where + found["loc"]})
+        return list(problems.values())
+
+    @api.put("/ads/{ad_id}", responses=responses(400, 401, 403, 413, 422))
+    async def put_ad(self, ad_id: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LENGTH)], ad: AdRequest,
+                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> AdAnswer:
+        """Add or change an ad: embedded by the serving version's ad tower and inserted into the index, no restart.
+
+        The ad states every input of the model's ad tower and ranker (GET /openapi.json lists them);
+        an ad the model cannot encode gets 422 naming each field and is never logged."""
+        self.require_admin(credentials)
         model_dir, _, side = await self.side()
-        unknown = [{"loc": ["body", "attributes", k], "msg": f"unknown ad attribute; this model knows {side.ad_columns}"}
-                   for k in ad.attributes if k not in side.ad_columns]
-        if unknown:
-            raise HTTPException(422, detail=unknown)
+        update = AdUpdate(ad_id, ad.campaign_id, ad.bid, dict(ad.attributes))
+        problems = self.ad_problems(update)
+        if problems:
+            raise HTTPException(422, detail=problems)
         if ad.budget is not None or ad.targeting is not None:
             await self.market.upsert_campaign.remote(ad.campaign_id, ad.budget, ad.targeting)
-        updates = await self.state.add_ad.remote(AdUpdate(ad_id, ad.campaign_id, ad.bid, dict(ad.attributes)))
+        updates = await self.state.add_ad.remote(update)
         self.versions.view["updates"] = max(self.versions.view["updates"], updates)  # this replica reads its own write
         indexed = await self.index.describe.remote(model_dir, updates, ad_id)
-        return {"ad_id": ad_id, "ad_updates": updates, "index_size": indexed["size"], "model_version": side.version}
+        return AdAnswer(ad_id=ad_id, ad_updates=updates, index_size=indexed["size"], model_version=side.version)
 
-    @api.post("/feedback")
-    async def feedback(self, body: FeedbackRequest) -> dict:
+    @api.post("/feedback", responses=responses(400, 403, 413, 422, 503))
+    async def feedback(self, body: FeedbackRequest) -> FeedbackAnswer:
         """Impressions, clicks and conversions of served ads. Answered only once the events are on
         disk (fsync'd); every event needs its ad's valid, unexpired token, or the batch gets 403."""
         if self.feedback_log is None:
-            raise HTTPException(503, detail="feedback is off: set args.feedback_dir and ADREC_FEEDBACK_SECRET (or args.feedback_secret)")
+            raise error(503, "feedback is off: set args.feedback_dir and ADREC_FEEDBACK_SECRET (or args.feedback_secret)", "feedback_off")
         if len(body.events) > self.args.max_events:
-            raise too_large("events", f"{len(body.events)} events; at most {self.args.max_events} per request")
+            raise error(422, f"{len(body.events)} events; at most {self.args.max_events} per request (max_events)", "too_long", ["body", "events"])
         now = time.time()
         records, refused = [], []
         for i, event in enumerate(body.events):
@@ -545,8 +423,8 @@ class Ingress:
                 impression = self.signer.verify(event.token, now)
                 if impression.user != user_key(event.user_id):
                     raise TokenError("the token was issued for another user")
-            except TokenError as error:
-                refused.append({"loc": ["body", "events", i, "token"], "msg": str(error)})
+            except TokenError as failure:
+                refused.append({"loc": ["body", "events", i, "token"], "msg": str(failure), "type": "invalid_token"})
                 continue
             records.append({**vars(impression), "served_ts": impression.ts, "impression_id": impression.impression_id,
                             "event_id": event.event_id, "event": event.event, "user_id": event.user_id,
@@ -554,24 +432,30 @@ class Ingress:
         if refused:
             raise HTTPException(403, detail=refused)
         await asyncio.to_thread(self.feedback_log.append, records)  # fsync off the event loop
-        return {"accepted": len(records)}
+        return FeedbackAnswer(accepted=len(records))
 
     @api.get("/model")
     async def model(self) -> dict:
+        """The serving version, a rollout under way, the index, and the ad updates logged, with any
+        that the index or ranker had to skip (``rejected``, the latest with their reasons)."""
         model_dir, updates, side = await self.side()
         view = self.versions.view
+        index, ranker = await asyncio.gather(self.index.describe.remote(model_dir, updates), self.ranker.describe.remote(model_dir, updates))
         return {
             "version": side.version,
             "rolling_out": Path(view["target"]).name if view.get("target") else None,
             "previous": Path(view["previous"]).name if view.get("previous") else None,
             "ads_added": updates,
-            "index": await self.index.describe.remote(model_dir, updates),
+            "index": {name: value for name, value in index.items() if name != "updates"},
+            "ad_updates": {"logged": updates, "ad_index": index["updates"], "ranker": ranker["updates"]},
         }
 
-    @api.post("/admin/reload")
-    async def reload(self, body: ReloadRequest, authorization: Annotated[str | None, Header()] = None) -> Response:
+    @api.post("/admin/reload", response_model=ReloadAnswer,
+              responses={202: {"model": ReloadAnswer, "description": "still rolling out after reload_timeout_s"}, **responses(400, 401, 403, 404, 413, 422)})
+    async def reload(self, body: ReloadRequest, response: Response,
+                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> ReloadAnswer:
         """Load another version on every replica while the current one serves; switch when all hold it."""
-        self.require_admin(authorization)
+        self.require_admin(credentials)
         target = str(self.version_dir(body.version))
         view = await self.state.begin_rollout.remote(target)
         deadline = time.monotonic() + self.args.reload_timeout_s
@@ -580,14 +464,44 @@ class Ingress:
             view = await self.state.view.remote()
         self.versions.view = {**self.versions.view, **view}
         if view["serving"] != target:
-            return Response(status_code=202, content=f'{{"rolling_out": "{Path(target).name}"}}', media_type="application/json")
-        return Response(content=f'{{"version": "{Path(target).name}"}}', media_type="application/json")
+            response.status_code = 202
+            return ReloadAnswer(rolling_out=Path(target).name)
+        return ReloadAnswer(version=Path(target).name)
+
+
+def nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def checked_model_dir(args: AppArgs) -> str:
+    """The version every replica will load, checked here, where ``serve run`` prints why it cannot
+    start; a replica's own failure reaches the console only as "Failed to update the deployments".
+    Replicas read the environment of the shell that started them, as this process does."""
+    problems = []
+    model_dir = None
+    try:
+        model_dir = str(verified(resolve(args.model_dir))[0])
+    except (ArtifactError, OSError) as failure:
+        problems.append(f"model_dir: {failure}")
+    secret = feedback_secret(args)
+    if secret is not None and len(secret.encode()) < 16:
+        problems.append(f"the feedback secret (args.feedback_secret or ${args.feedback_secret_env}) is {len(secret.encode())} bytes; "
+                        "it must be at least 16: set a long random one")
+    if args.feedback_dir and not os.access(nearest_existing(Path(resolve(args.feedback_dir))), os.W_OK):
+        problems.append(f"feedback_dir {resolve(args.feedback_dir)} cannot be written; choose a writable folder")
+    if problems:
+        raise ValueError("adrec cannot start the app:\n  " + "\n  ".join(problems))
+    if args.feedback_dir and secret is None:
+        logger.warning("adrec: feedback_dir is set but no feedback secret is: POST /feedback will answer 503 (set $%s)", args.feedback_secret_env)
+    return model_dir
 
 
 def build_app(args: AppArgs) -> serve.Application:
     """Typed app builder: Serve validates ``serve run`` arguments and config-file ``args`` against AppArgs."""
     # Pin one version for every replica, and make the path independent of replica working dirs.
-    model_dir = str(resolve_model_dir(resolve(args.model_dir)))
+    model_dir = checked_model_dir(args)
     index_options = {"exact_max_ads": args.ad_index.exact_max_ads, "nprobe": args.ad_index.nprobe, "nlist": args.ad_index.nlist, "threads": 1}
     encoder = UserEncoder.options(**args.user_encoder.options()).bind(
         model_dir, args.user_encoder.max_batch_size, args.user_encoder.batch_wait_timeout_s, args.poll_s

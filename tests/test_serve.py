@@ -1,6 +1,9 @@
 """The Serve app on the tiny run's exported model, called over real HTTP."""
 
 import asyncio
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,12 +20,14 @@ from ray import serve
 from ray.exceptions import ActorDiedError
 
 from adrec import export
+from adrec.ads import AdUpdate
 from adrec.feedback.compact import run_compaction
 from adrec.feedback.tokens import Impression, Signer
 from adrec.features import OOV, FeatureMap
 from adrec.recommend import FeatureBuilder, UserQuery, UserStore, feature_builder, user_key
-from serve.app import AppArgs, Ingress, build_app, shutdown
 from adrec.runtime import wait_until_ok
+from serve.app import AppArgs, Ingress, build_app, shutdown
+from serve.versions import STATE_NAMESPACE
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -149,44 +154,82 @@ def test_frequency_cap_stops_an_ad_after_n_impressions_per_user(app_url):
         ({"user_id": "u1", "context": {"devise": "mobile"}}, "devise"),
         ({"user_id": "u1", "attributes": {"age": "30"}}, "age"),
         ({"user_id": "u1", "tmax_ms": -1}, "tmax_ms"),
+        ({"user_id": "u1", "k": "10"}, "k"),  # JSON Schema's integer is no string: no lax conversion
+        ({"user_id": "u1", "tmax_ms": True}, "tmax_ms"),
+        # The app's limits are in the OpenAPI document (maximum, maxItems), so beyond them is a 422 like any schema violation.
+        ({"user_id": "u1", "k": MAX_K + 1}, "k"),
+        ({"user_id": "u1", "recent_ad_ids": ["a1"] * 6}, "recent_ad_ids"),
     ],
 )
 def test_malformed_requests_get_422_naming_the_field(app_url, body, field):
     answer = httpx.post(f"{app_url}/recommend", json=body, timeout=30)
     assert answer.status_code == 422
-    assert any(field in error["loc"] for error in answer.json()["detail"])
+    assert any(field in error["loc"] for error in error_items(answer))
 
 
-@pytest.mark.parametrize(
-    ("body", "field"),
-    [
-        ({"user_id": "u1", "k": MAX_K + 1}, "k"),
-        ({"user_id": "u1", "recent_ad_ids": ["a1"] * 6}, "recent_ad_ids"),
-        ({"user_id": "u1", "recent_ad_ids": ["a" * 200] * 400}, "body"),  # 80 KB: over max_body_bytes
-    ],
-)
-def test_oversized_requests_get_413_naming_what_is_too_large(app_url, body, field):
+def error_items(answer: httpx.Response) -> list[dict]:
+    """The items of an error body, checked to have the one documented shape: {"detail": [{loc, msg, type}]}."""
+    body = answer.json()
+    assert set(body) == {"detail"} and isinstance(body["detail"], list) and body["detail"], body
+    for item in body["detail"]:
+        assert set(item) == {"loc", "msg", "type"} and isinstance(item["loc"], list) and item["msg"] and item["type"], item
+    return body["detail"]
+
+
+def test_a_body_over_the_limit_gets_413(app_url):
+    body = {"user_id": "u1", "recent_ad_ids": ["a" * 200] * 400}  # 80 KB: over max_body_bytes
     answer = httpx.post(f"{app_url}/recommend", json=body, timeout=30)
-    assert answer.status_code == 413
-    assert any(field in error["loc"] for error in answer.json()["detail"])
+    assert answer.status_code == 413 and error_items(answer)[0]["loc"] == ["body"]
 
 
-def test_body_that_is_not_json_gets_422(app_url):
-    answer = httpx.post(f"{app_url}/recommend", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
-    assert answer.status_code == 422
+def test_a_streamed_body_over_the_limit_gets_413(app_url):
+    chunks = (b'{"user_id": "u1", "recent_ad_ids": [' + b'"a",' * 20_000 + b'"a"]}' for _ in range(1))  # no Content-Length
+    answer = httpx.post(f"{app_url}/recommend", content=chunks, headers={"content-type": "application/json"}, timeout=30)
+    assert answer.status_code == 413 and error_items(answer)[0]["type"] == "too_large"
+
+
+@pytest.mark.parametrize(("content", "status"), [(b"{not json", 422), (b'{"user_id": "\xff\xfe"}', 400)])
+def test_a_body_that_is_not_json_gets_an_error_in_the_one_shape(app_url, content, status):
+    answer = httpx.post(f"{app_url}/recommend", content=content, headers={"content-type": "application/json"}, timeout=30)
+    assert answer.status_code == status
+    error_items(answer)
 
 
 def test_a_missed_deadline_is_a_503_with_a_message_not_a_hang(app_url):
     started = time.monotonic()
     answer = httpx.post(f"{app_url}/recommend", json={"user_id": "hurried", "k": 5, "tmax_ms": 0.01}, timeout=30)
-    assert answer.status_code == 503 and "within" in answer.json()["detail"]
+    assert answer.status_code == 503 and "within" in error_items(answer)[0]["msg"]
     assert time.monotonic() - started < 5
 
 
-def test_openapi_documents_every_endpoint(app_url):
+# Every status each endpoint can answer, besides 200: what a generated client must be told.
+DOCUMENTED = {
+    ("/recommend", "post"): {"400", "413", "422", "503"},
+    ("/ads/{ad_id}", "put"): {"400", "401", "403", "413", "422"},
+    ("/feedback", "post"): {"400", "403", "413", "422", "503"},
+    ("/admin/reload", "post"): {"202", "400", "401", "403", "404", "413", "422"},
+}
+
+
+def test_openapi_documents_every_endpoint_and_every_status(app_url):
     assert httpx.get(f"{app_url}/docs", timeout=30).status_code == 200
     paths = httpx.get(f"{app_url}/openapi.json", timeout=30).json()["paths"]
-    assert {"/recommend", "/ads/{ad_id}", "/admin/reload", "/model", "/healthz"} <= set(paths)
+    assert {"/recommend", "/ads/{ad_id}", "/admin/reload", "/model", "/healthz", "/feedback"} <= set(paths)
+    for (path, method), statuses in DOCUMENTED.items():
+        assert set(paths[path][method]["responses"]) == {"200", *statuses}, (path, method)
+        error = paths[path][method]["responses"]["422"]["content"]["application/json"]["schema"]
+        assert error == {"$ref": "#/components/schemas/ErrorBody"}
+    assert paths["/ads/{ad_id}"]["put"]["security"] == [{"HTTPBearer": []}]
+
+
+def test_openapi_states_what_this_model_accepts(app_url, tiny_run):
+    schemas = httpx.get(f"{app_url}/openapi.json", timeout=30).json()["components"]["schemas"]
+    attributes = schemas["AdRequest"]["properties"]["attributes"]
+    assert attributes["required"] == ["advertiser_id", "category", "tokens"] and attributes["additionalProperties"] is False
+    assert "attributes" in schemas["AdRequest"]["required"]
+    request = schemas["RecommendRequest"]["properties"]
+    assert request["k"]["maximum"] == MAX_K and request["recent_ad_ids"]["maxItems"] == 5
+    assert set(request["context"]["properties"]) == {"slot", "device"} and request["context"]["additionalProperties"] is False
 
 
 def test_model_endpoint_names_the_version_and_the_index(app_url, tiny_run, catalog):
@@ -239,12 +282,73 @@ def test_budget_and_targeting_remove_ads_and_say_so(app_url, tiny_run, catalog):
     assert on_tablet["ads"][0]["ad_id"] == "tablet-ad"
 
 
-def test_bad_ads_get_422_naming_the_field(app_url):
-    for ad, field in [({"campaign_id": "c", "bid": -1}, "bid"), ({"campaign_id": "c", "bid": 1, "attributes": {"colour": "red"}}, "colour"),
-                      ({"bid": 1}, "campaign_id"), ({"campaign_id": "c", "bid": 1, "budget": -5}, "budget")]:
-        answer = put_ad(app_url, "bad-ad", **ad)
-        assert answer.status_code == 422, ad
-        assert any(field in error["loc"] for error in answer.json()["detail"])
+COMPLETE = {"advertiser_id": "adv1", "category": "cat1", "tokens": ["shoes"]}
+
+
+@pytest.mark.parametrize(
+    ("ad", "field"),
+    [
+        ({"campaign_id": "c", "bid": -1, "attributes": COMPLETE}, "bid"),
+        ({"campaign_id": "c", "bid": 1e12, "attributes": COMPLETE}, "bid"),  # past float32-safe bids
+        ({"campaign_id": "c", "bid": "1", "attributes": COMPLETE}, "bid"),
+        ({"campaign_id": "c", "bid": 1, "attributes": {**COMPLETE, "colour": "red"}}, "colour"),
+        ({"campaign_id": "c", "bid": 1, "attributes": {**COMPLETE, "category": ["cat1", "cat2"]}}, "category"),
+        ({"campaign_id": "c", "bid": 1, "attributes": {"advertiser_id": "adv1", "tokens": []}}, "category"),
+        ({"bid": 1, "attributes": COMPLETE}, "campaign_id"),
+        ({"campaign_id": "c", "bid": 1, "budget": -5, "attributes": COMPLETE}, "budget"),
+        ({"campaign_id": "c", "bid": 1, "budget": False, "attributes": COMPLETE}, "budget"),
+    ],
+)
+def test_bad_ads_get_422_naming_the_field(app_url, ad, field):
+    answer = put_ad(app_url, "bad-ad", **ad)
+    assert answer.status_code == 422, ad
+    assert any(field in error["loc"] for error in error_items(answer))
+
+
+def market_campaign(campaign_id: str):
+    return ray.get(ray.get_actor("adrec-market", namespace=STATE_NAMESPACE).campaign.remote(campaign_id))
+
+
+def test_a_schema_valid_ad_the_model_cannot_encode_gets_422_and_every_endpoint_keeps_answering(app_url):
+    """The outage: an ad without the ad tower's inputs used to be logged, and every replica's catch-up then failed."""
+    logged = httpx.get(f"{app_url}/model", timeout=30).json()["ad_updates"]["logged"]
+    answer = put_ad(app_url, "0", attributes={}, bid=1.0, budget=0.0, campaign_id="cmp284", targeting={})
+    assert answer.status_code == 422, answer.text
+    missing = {tuple(error["loc"]) for error in error_items(answer) if error["type"] == "missing"}
+    assert missing == {("body", "attributes", name) for name in COMPLETE}
+    model = httpx.get(f"{app_url}/model", timeout=30)
+    assert model.status_code == 200 and model.json()["ad_updates"]["logged"] == logged  # never logged
+    assert market_campaign("cmp284") is None  # nor its budget taken
+    assert httpx.post(f"{app_url}/recommend", json={"user_id": "u7", "k": 3}, timeout=30).status_code == 200
+
+
+def wait_for_model(app_url: str, done, timeout_s: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = httpx.get(f"{app_url}/model", timeout=30).json()
+        if done(info) or time.monotonic() > deadline:
+            return info
+        time.sleep(0.2)
+
+
+def test_a_bad_update_already_in_the_log_is_skipped_reported_and_the_app_keeps_serving(app_url, tiny_run):
+    state = ray.get_actor("adrec-state", namespace=STATE_NAMESPACE)
+    poison = ray.get(state.add_ad.remote(AdUpdate("poison-ad", "poison-campaign", 1.0, {})))  # past the ingress's check
+    info = wait_for_model(app_url, lambda i: i["ad_updates"]["ad_index"]["applied"] >= poison and i["ad_updates"]["ranker"]["applied"] >= poison)
+    for deployment in ("ad_index", "ranker"):
+        report = info["ad_updates"][deployment]
+        assert report["applied"] >= poison and report["rejected"] >= 1, info
+        assert report["latest_rejected"][-1]["ad_id"] == "poison-ad" and "advertiser_id" in report["latest_rejected"][-1]["reason"]
+    for i in range(3):
+        assert httpx.post(f"{app_url}/recommend", json={"user_id": f"after-poison-{i}", "k": 3}, timeout=30).status_code == 200
+    # The log goes on: a good ad after the bad one is indexed, in the row every replica agrees on.
+    size = info["index"]["size"]
+    answer = put_ad(app_url, "after-poison-ad", campaign_id="after-poison", bid=1.0, attributes=top_ad_attributes(tiny_run, next(iter(known_ads(tiny_run)))))
+    assert answer.status_code == 200 and answer.json()["index_size"] == size + 1, answer.text
+
+
+def known_ads(tiny_run) -> list[str]:
+    return pq.read_table(Path(tiny_run["cfg"].paths.raw_dir) / "ads", columns=["ad_id"])["ad_id"].to_pylist()
 
 
 class Load:
@@ -348,8 +452,9 @@ def test_a_reload_under_load_swaps_the_version_and_fails_no_request(app_url, tin
     info = httpx.get(f"{app_url}/model", timeout=30).json()
     assert before != second["version"] == info["version"] and info["previous"] == before
     assert recommend(app_url, user_id="after-reload", k=3)["model_version"] == second["version"]
-    missing = httpx.post(f"{app_url}/admin/reload", json={"version": "v-none"}, headers=ADMIN, timeout=30)
-    assert missing.status_code == 422 and "version" in missing.json()["detail"][0]["loc"]
+    for version in ("v-none", ".."):
+        missing = httpx.post(f"{app_url}/admin/reload", json={"version": version}, headers=ADMIN, timeout=30)
+        assert missing.status_code == 404 and "version" in error_items(missing)[0]["loc"], version
 
 
 def feedback(app_url: str, events: list[dict]) -> httpx.Response:
@@ -467,3 +572,49 @@ def test_a_logged_request_gives_the_training_tensors(tiny_run):
     for name in user_inputs:
         expected = np.stack(examples[name].to_numpy()) if name.startswith("history") else examples[name].to_numpy()
         assert (built[name] == expected).all(), name
+
+
+def test_build_app_says_why_the_app_cannot_start(tiny_run, tmp_path, monkeypatch):
+    """What only a replica would find (and `serve run` would print only as "Failed to update the deployments")."""
+    models = tiny_run["cfg"].paths.models_dir
+    with pytest.raises(ValueError, match="at least 16"):
+        build_app(AppArgs(model_dir=models, feedback_secret="short"))
+    monkeypatch.setenv("ADREC_FEEDBACK_SECRET", "short")
+    with pytest.raises(ValueError, match="ADREC_FEEDBACK_SECRET"):
+        build_app(AppArgs(model_dir=models))
+    monkeypatch.delenv("ADREC_FEEDBACK_SECRET")
+    with pytest.raises(ValueError, match="model_dir: .*run jobs/export.py first"):
+        build_app(AppArgs(model_dir=str(tmp_path / "nowhere")))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run["export"]["model_dir"], broken)
+    (broken / "ads.parquet").write_bytes(b"not the exported file")
+    with pytest.raises(ValueError, match="model_dir: .*ads.parquet"):
+        build_app(AppArgs(model_dir=str(broken)))
+    build_app(AppArgs(model_dir=models, feedback_secret=SECRET))  # and a sound configuration builds
+
+
+@pytest.fixture
+def fuzz_app_url(app_url, tiny_run, tmp_path):
+    """A second app in the same Serve instance, so the fuzzer's ads and campaigns stay out of the other tests' app."""
+    none = {"num_cpus": 0}  # beside the main app's replicas on two cores
+    args = AppArgs(model_dir=tiny_run["cfg"].paths.models_dir, admin_token=TOKEN, feedback_dir=str(tmp_path / "feedback"),
+                   feedback_secret=SECRET, deadline_ms=5_000, ingress=none, user_encoder=none, ad_index=none, ranker=none)
+    serve.run(build_app(args), name="fuzz", route_prefix="/fuzz", logging_config={"enable_access_log": False})
+    yield f"{app_url}/fuzz"
+    shutdown("fuzz")
+
+
+def test_a_schema_driven_fuzzer_finds_no_server_error_schema_violation_or_undocumented_status(fuzz_app_url, tmp_path):
+    """schemathesis over every operation with the admin token, every check; bounded to 75 s of fuzzing."""
+    config = Path(__file__).parent / "schemathesis.toml"
+    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{fuzz_app_url}/openapi.json",
+               "--url", fuzz_app_url, "--checks", "all", "--header", f"Authorization: Bearer {TOKEN}", "--max-examples", "15",
+               "--max-time", "75", "--seed", "20261202", "--request-timeout", "20", "--no-color"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0 and "No issues found" in run.stdout and "6/6" in run.stdout, fuzz_findings(run.stdout) + run.stderr[-2000:]
+
+
+def fuzz_findings(report: str) -> str:
+    """The lines of a schemathesis report that say what failed, without the generated payloads."""
+    keep = ("___", "- ST", "[", "Received", "Documented", "Expected", "Invalid", "Failures", "Test cases", "Seed", "st replay")
+    return "\n".join(line[:300] for line in report.splitlines() if line.strip().startswith(keep))
