@@ -9,6 +9,7 @@ into the serving state) skips it exactly as its peers do, so their catalog rows 
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ MAX_ID_LENGTH = 256
 MAX_LIST = 64  # values of one list attribute (e.g. tokens)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_BID = 1e9  # far above any real bid, far below float32's limit: the catalog stores bids as float32
+REJECTIONS_KEPT = 20  # the latest skipped updates a reader reports (GET /model); the count covers all
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,3 +129,39 @@ def encode_ad(feature_map: FeatureMap, update: AdUpdate) -> dict[str, np.ndarray
     if problems:
         raise AdUpdateError(problems)
     return feature_map.encode(update.raw_table())
+
+
+class UpdateReader:
+    """How far one side has read the serving state's ad log, and the updates it had to skip.
+
+    An update the feature map cannot encode is skipped, and so is one whose write fails: a
+    side that stopped at it would fail every later request that needs the log's count. The
+    check is deterministic, so every replica of a version skips the same updates and their
+    catalog rows stay aligned.
+    """
+
+    def __init__(self, feature_map: FeatureMap, deployment: str) -> None:
+        self.feature_map = feature_map
+        self.deployment = deployment
+        self.applied = 0  # log entries read, applied or skipped, in the log's order
+        self.rejected_count = 0
+        self.rejected: list[dict] = []  # the latest REJECTIONS_KEPT: {position, ad_id, reason}
+
+    def read(self, updates: list[AdUpdate], write) -> None:
+        """``write(update, encoded)`` each update that encodes, in order; skip and record the rest."""
+        for update in updates:
+            self.applied += 1
+            try:
+                write(update, encode_ad(self.feature_map, update))
+            except Exception as error:  # noqa: BLE001 - any bad entry, whatever it breaks, is skipped, never retried forever
+                self.reject(update, error)
+
+    def reject(self, update: AdUpdate, error: Exception) -> None:
+        ad_id = getattr(update, "ad_id", None)
+        reason = f"{type(error).__name__}: {error}"[:500]
+        logger.warning("adrec %s: skipped ad update %d (ad %r): %s", self.deployment, self.applied, ad_id, reason)
+        self.rejected_count += 1
+        self.rejected = [*self.rejected, {"position": self.applied, "ad_id": str(ad_id)[:256], "reason": reason}][-REJECTIONS_KEPT:]
+
+    def report(self) -> dict:
+        return {"applied": self.applied, "rejected": self.rejected_count, "latest_rejected": self.rejected}

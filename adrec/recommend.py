@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from adrec.ads import AdUpdate, encode_ad
+from adrec.ads import AdUpdate, UpdateReader
 from adrec.auction import RULES, AuctionResult, Candidate, Marketplace
 from adrec.data.privacy import pseudonym_key, pseudonymize
 from adrec.eval.calibration import Platt
@@ -32,8 +31,6 @@ from adrec.index import build_index
 from adrec.inference import catalog_lookups, column_to_numpy, to_features
 from adrec.registry import load_ad_embeddings, load_ranker, load_tower, resolve_model_dir, verify_manifest
 
-logger = logging.getLogger(__name__)
-REJECTIONS_KEPT = 20  # the latest skipped updates each side reports (GET /model); the count covers all
 
 
 @dataclass
@@ -189,42 +186,6 @@ class Catalog:
             pctr=pctr,
             attributes={name: [values[r] for r in rows.tolist()] for name, values in self.attributes.items()},
         )
-
-
-class UpdateReader:
-    """How far one side has read the serving state's ad log, and the updates it had to skip.
-
-    An update the feature map cannot encode is skipped, and so is one whose write fails: a
-    side that stopped at it would fail every later request that needs the log's count. The
-    check is deterministic, so every replica of a version skips the same updates and their
-    catalog rows stay aligned.
-    """
-
-    def __init__(self, feature_map: FeatureMap, deployment: str) -> None:
-        self.feature_map = feature_map
-        self.deployment = deployment
-        self.applied = 0  # log entries read, applied or skipped, in the log's order
-        self.rejected_count = 0
-        self.rejected: list[dict] = []  # the latest REJECTIONS_KEPT: {position, ad_id, reason}
-
-    def read(self, updates: list[AdUpdate], write) -> None:
-        """``write(update, encoded)`` each update that encodes, in order; skip and record the rest."""
-        for update in updates:
-            self.applied += 1
-            try:
-                write(update, encode_ad(self.feature_map, update))
-            except Exception as error:  # noqa: BLE001 - any bad entry, whatever it breaks, is skipped, never retried forever
-                self.reject(update, error)
-
-    def reject(self, update: AdUpdate, error: Exception) -> None:
-        ad_id = getattr(update, "ad_id", None)
-        reason = f"{type(error).__name__}: {error}"[:500]
-        logger.warning("adrec %s: skipped ad update %d (ad %r): %s", self.deployment, self.applied, ad_id, reason)
-        self.rejected_count += 1
-        self.rejected = [*self.rejected, {"position": self.applied, "ad_id": str(ad_id)[:256], "reason": reason}][-REJECTIONS_KEPT:]
-
-    def report(self) -> dict:
-        return {"applied": self.applied, "rejected": self.rejected_count, "latest_rejected": self.rejected}
 
 
 @dataclass
