@@ -79,3 +79,53 @@ def test_model_inputs_keep_dense_values_as_floats():
         out = to_features(batch, ["ad_id", "I1"])
         assert out["ad_id"].dtype == torch.int64 and out["I1"].dtype == torch.float32
         assert torch.allclose(out["I1"], torch.tensor([0.69, 2.5]))
+
+
+def compose_plain(tmp_path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[f"run_dir={tmp_path}", *overrides])
+
+
+def plain_data(tmp_path, *overrides: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose_plain(tmp_path, *overrides).data, resolve=True)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "+data.users.features.gender.min_cout=3",
+            r"data\.users\.features\.gender: unknown option 'min_cout' \(did you mean 'min_count'\?\); known: kind, group",
+        ),
+        ("+data.prepare.min_cout=3", r"data\.prepare: unknown option 'min_cout' \(did you mean 'min_count'\?\); known: history_length"),
+        ("+data.prepare.split.cutof_ms=[1,2]", r"data\.prepare\.split: unknown option 'cutof_ms'"),
+        ("+data.users.features.gender.quantiles=4", r"data\.users\.features\.gender: quantiles applies to kind numeric, not categorical"),
+    ],
+)
+def test_a_misspelt_data_option_is_an_error_naming_it_before_any_work(tmp_path, override, message):
+    # Options were read with .get, so a typo was silently ignored (the default used instead).
+    from adrec.data.prepare import prepare
+
+    with pytest.raises(ValueError, match=message):
+        prepare(plain_data(tmp_path, override), tmp_path / "prepared", seed=7)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_prepare_grows_from_a_feature_map_and_overrides_split_keys(tmp_path):
+    from adrec.data.options import DataOptions
+    from adrec.data.prepare import prepare
+
+    data = plain_data(tmp_path)
+    options = DataOptions.parse(data, grow_from=tmp_path / "fm.json", split={"cutoffs_ms": [5, 9], "replay_before_ms": 3, "replay": 0.5})
+    assert options.prepare.base_feature_map == str(tmp_path / "fm.json")
+    assert (options.prepare.split.kind, options.prepare.split.cutoffs_ms, options.prepare.split.replay_before_ms) == ("time", (5, 9), 3)
+    assert options.prepare.split.train == data["prepare"]["split"]["train"]  # keys not overridden stay
+    assert DataOptions.parse(plain_data(tmp_path, "data.prepare.base_feature_map=/m/fm.json")).prepare.base_feature_map == "/m/fm.json"
+    with pytest.raises(ValueError, match=r"prepare\(split=...\): unknown option 'cutoff_ms'"):
+        prepare(data, tmp_path / "prepared", seed=7, split={"cutoff_ms": [5, 9]})
