@@ -129,3 +129,13 @@ def test_prepare_grows_from_a_feature_map_and_overrides_split_keys(tmp_path):
     assert DataOptions.parse(plain_data(tmp_path, "data.prepare.base_feature_map=/m/fm.json")).prepare.base_feature_map == "/m/fm.json"
     with pytest.raises(ValueError, match=r"prepare\(split=...\): unknown option 'cutoff_ms'"):
         prepare(data, tmp_path / "prepared", seed=7, split={"cutoff_ms": [5, 9]})
+
+
+def test_generator_defaults_are_the_synthetic_configs(tmp_path):
+    # conf/data/synthetic.yaml is where the generator's values are set; the dataclass must not drift from it.
+    from dataclasses import asdict
+
+    from adrec.data.synthetic import GeneratorConfig
+
+    generator = plain_data(tmp_path)["generator"]
+    assert generator == asdict(GeneratorConfig())

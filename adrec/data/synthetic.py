@@ -35,7 +35,11 @@ START = np.datetime64("2026-01-01T00:00:00", "ms")
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    num_impressions: int = 200_000
+    """The log's size and its hidden truth's parameters, documented in conf/data/synthetic.yaml's
+    ``generator`` section. The defaults here are that section's values (tests/test_features.py
+    checks they agree), for tests that build one directly and configs stored before a field existed."""
+
+    num_impressions: int = 300_000
     num_users: int | None = None  # None: derived from num_impressions
     num_ads: int | None = None
     num_categories: int = 16
@@ -214,7 +218,7 @@ def write_logs(cfg: GeneratorConfig, out_dir: str | Path) -> dict:
     for shard in range(num_shards):
         table = generate_shard(world, cfg, shard)
         pq.write_table(table, out / "events" / f"part-{shard:05d}.parquet")
-        for kind, count in zip(*np.unique(table["event"].to_numpy(zero_copy_only=False), return_counts=True)):
+        for kind, count in zip(*np.unique(table["event"].to_numpy(zero_copy_only=False), return_counts=True), strict=True):
             counts[str(kind)] += int(count)
     return {"users": world.users.num_rows, "ads": world.ads.num_rows, "shards": num_shards, "events": counts}
 
