@@ -4,10 +4,14 @@ Other logs are mapped onto adrec's roles by configuration (see adrec.data.source
 
 A behaviour log has one row per event. Clicks and conversions name the impression
 they follow in ``impression_id``, the way ad servers stamp a click URL with the
-impression that produced it; that is how labels are joined without guessing.
+impression that produced it; that is how labels are joined without guessing. Its
+context columns are the log's own: ``events_schema`` builds the table for any of them
+(compaction writes feedback with it); ``EVENTS`` is the synthetic log's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import pyarrow as pa
 
@@ -15,22 +19,34 @@ EVENT_TYPES = ("impression", "click", "conversion")
 
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 
-EVENTS = pa.schema(
-    [
-        pa.field("event_id", pa.string(), nullable=False),
-        pa.field("ts", TIMESTAMP, nullable=False),
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("ad_id", pa.string(), nullable=False),
-        pa.field("event", pa.string(), nullable=False),
-        # The impression a click or conversion follows; null on impressions.
-        pa.field("impression_id", pa.string()),
-        # Context of the page view.
-        pa.field("slot", pa.string()),
-        pa.field("device", pa.string()),
-        # Synthetic logs only: the generator's true click probability of an impression.
-        pa.field("true_pctr", pa.float32()),
-    ]
+# adrec's roles of a behaviour-log row; a log's context columns follow them.
+ROLE_FIELDS = (
+    pa.field("event_id", pa.string(), nullable=False),
+    pa.field("ts", TIMESTAMP, nullable=False),
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("ad_id", pa.string(), nullable=False),
+    pa.field("event", pa.string(), nullable=False),
+    # The impression a click or conversion follows; null on impressions.
+    pa.field("impression_id", pa.string()),
 )
+# Synthetic logs only: the generator's true click probability of an impression (null elsewhere).
+TRUE_PCTR = pa.field("true_pctr", pa.float32())
+
+
+def events_schema(context_columns: Sequence[str]) -> pa.Schema:
+    """A behaviour log whose page views have ``context_columns`` (the data config's event
+    features of group context, in order), as strings: raw values, as a request states them."""
+    taken = {f.name for f in ROLE_FIELDS} | {TRUE_PCTR.name}
+    clashes = [c for c in context_columns if c in taken]
+    if clashes or len(set(context_columns)) != len(context_columns):
+        raise ValueError(
+            f"context columns {list(context_columns)} repeat one or clash with the log's own columns {sorted(taken)}: rename the feature"
+        )
+    return pa.schema([*ROLE_FIELDS, *(pa.field(c, pa.string()) for c in context_columns), TRUE_PCTR])
+
+
+SYNTHETIC_CONTEXT = ("slot", "device")  # what adrec.data.synthetic generates; conf/data/synthetic.yaml declares them
+EVENTS = events_schema(SYNTHETIC_CONTEXT)
 
 ADS = pa.schema(
     [

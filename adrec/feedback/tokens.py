@@ -1,8 +1,10 @@
 """Signed impression tokens: proof that an ad was served, which a click must carry.
 
 Every ad in a /recommend answer carries a token, an HMAC-SHA256 over what was served:
-request id, the user's digest, ad, model version and time (and the slot's context and the
-propensity with which it was chosen, for off-policy estimates). A click or conversion posted
+request id, the user's digest, ad, model version and time, the request's context (every
+context field the serving model declares, e.g. {"slot": "top"}: the page view the ad was shown
+in, so compaction can log it) and the propensity with which it was chosen, for off-policy
+estimates. A click or conversion posted
 to /feedback must carry a valid, unexpired token, so clicks can only refer to served ads, and
 a forged or edited token is refused.
 
@@ -16,7 +18,7 @@ import base64
 import hashlib
 import hmac
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 class TokenError(ValueError):
@@ -30,8 +32,8 @@ class Impression:
     ad_id: str
     version: str
     ts: float  # seconds since the epoch, when served
-    slot: str | None = None
-    device: str | None = None
+    # The request's context fields, raw ({"slot": "top", "device": "mobile"}); never mutated.
+    context: dict[str, str] = field(default_factory=dict)
     propensity: float = 1.0  # probability the serving policy gave this ad this slot
 
     @property
@@ -73,7 +75,10 @@ class Signer:
             raise TokenError("malformed token: expected the token from a /recommend answer") from None
         if not hmac.compare_digest(mac, self._mac(payload)):
             raise TokenError("invalid token: its signature does not match (forged or edited)")
-        impression = Impression(**json.loads(payload))
+        try:
+            impression = Impression(**json.loads(payload))
+        except TypeError:  # signed with this secret, but with other fields: a token of an older format
+            raise TokenError("outdated token: issued in an older format; use the token of a current /recommend answer") from None
         if now - impression.ts > self.ttl_s:
             raise TokenError(f"expired token: served {now - impression.ts:.0f} s ago, feedback is accepted for {self.ttl_s:.0f} s")
         return impression
