@@ -87,9 +87,11 @@ def save_weights(module: torch.nn.Module, path: Path) -> None:
 
 
 def _build(cls, config: dict):
+    """``cls(**config)`` from an artifact's stored constructor arguments; a tower's encoder is stored by
+    kind from a fixed set (adrec.models.sequence.ENCODERS), so nothing the artifact names is imported."""
     try:
         return cls(**config)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ArtifactError(f"{cls.__name__} arguments {sorted(config)} do not fit this adrec version ({error}); re-export the model") from None
 
 
@@ -98,10 +100,19 @@ def _tower_from(config: dict) -> EmbeddingMLPTower:
 
 
 def model_description(model: TwoTower | DCNRanker) -> dict:
-    """What rebuilds ``model`` without the training config: its kind and constructor arguments."""
+    """What rebuilds ``model`` without the training config: its kind (one of MODEL_KINDS) and constructor arguments."""
     if isinstance(model, TwoTower):
         return {"kind": "two_tower", "user_tower": model.user_tower.config, "ad_tower": model.ad_tower.config}
     return {"kind": "dcn", "config": model.config}
+
+
+# A checkpoint names its model by one of these kinds, never by a class path, so loading one can
+# build only adrec's own models. (A stored training config, which retraining builds with
+# adrec.models.build_model, may name only adrec's components: adrec.models.components.COMPONENTS.)
+MODEL_KINDS = {
+    "two_tower": lambda config: TwoTower(_tower_from(config["user_tower"]), _tower_from(config["ad_tower"])),
+    "dcn": lambda config: _build(DCNRanker, config["config"]),
+}
 
 
 def save_checkpoint(
@@ -134,12 +145,9 @@ def load_checkpoint(directory: str | Path) -> TwoTower | DCNRanker:
     if config.get("format") != CHECKPOINT_FORMAT:
         raise ArtifactError(f"{directory} is not an adrec checkpoint (format {config.get('format')!r})")
     kind = config.get("kind", "two_tower")
-    if kind == "two_tower":
-        model = TwoTower(_tower_from(config["user_tower"]), _tower_from(config["ad_tower"]))
-    elif kind == "dcn":
-        model = _build(DCNRanker, config["config"])
-    else:
-        raise ArtifactError(f"{directory} holds a model of kind {kind!r}, which this adrec version cannot build")
+    if kind not in MODEL_KINDS:
+        raise ArtifactError(f"{directory} holds a model of kind {kind!r}; this adrec version builds only {', '.join(MODEL_KINDS)}")
+    model = MODEL_KINDS[kind](config)
     model.load_state_dict(load_file(directory / "model.safetensors"))
     return model.eval()
 

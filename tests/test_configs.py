@@ -1,23 +1,25 @@
 """Every config composes, resolves, and builds a working model."""
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
-import pytest
-
-from adrec.data.prepare import event_columns, feature_specs
+from adrec.data.options import DataOptions, feature_specs
 from adrec.features import FeatureMap, Vocabulary
 from adrec.models import build_model
+from adrec.models.components import ConfigError
 from tests.conftest import CONF, compose_config
 
 
 def feature_map_and_batch(cfg, rows: int = 7) -> tuple[FeatureMap, dict]:
-    """A feature map with 4-value vocabularies for ``cfg``'s dataset, and a random batch of its ids."""
-    specs = feature_specs(cfg, event_columns(cfg))
+    """A feature map with 4-value vocabularies for ``cfg``'s dataset, and a random batch of its ids (values for dense ones)."""
+    specs = feature_specs(DataOptions.parse(cfg.data))
     fm = FeatureMap(specs, {s.vocabulary: Vocabulary([f"v{i}" for i in range(4)]) for s in specs if s.vocabulary})
-    batch = {s.name: torch.randint(0, 6, (rows, s.max_len) if s.kind == "sequence" else (rows,)) for s in specs}
-    return fm, batch
+    def ids(s):
+        return torch.randint(0, fm.cardinality(s.name), (rows, s.max_len) if s.kind == "sequence" else (rows,))
 
+    batch = {s.name: torch.rand(rows) if s.kind == "dense" else ids(s) for s in specs}
+    return fm, batch
 
 
 def test_default_config_composes_resolves_and_builds_the_two_tower_model(tmp_path):
@@ -29,7 +31,7 @@ def test_default_config_composes_resolves_and_builds_the_two_tower_model(tmp_pat
     fm, batch = feature_map_and_batch(cfg)
     model, loss = build_model(OmegaConf.to_container(cfg.model, resolve=True), fm)
     model.eval()
-    assert loss["bce_weight"] == 1.0
+    assert loss.bce_weight == 1.0 and loss.softmax_weight == 0.0
     assert model(batch).shape == (7,)
     assert model.user_tower(batch).shape == (7, cfg.model.output_dim)
 
@@ -42,7 +44,7 @@ def test_every_dataset_config_composes(tmp_path, dataset):
         cfg = compose("config", overrides=[f"run_dir={tmp_path}", f"data={dataset}", "data.path=/data"] if dataset != "synthetic"
                       else [f"run_dir={tmp_path}"])
     OmegaConf.to_container(cfg.data, resolve=True)
-    assert feature_specs(cfg, event_columns(cfg))
+    assert feature_specs(DataOptions.parse(cfg.data))
 
 
 @pytest.mark.parametrize("encoder", ["mlp", "cnn", "gru", "attention"])
@@ -64,3 +66,112 @@ def test_dcn_config_builds_a_ranker_that_rebuilds_from_its_checkpoint(tmp_path):
     assert set(model.history) == {"history", "history_category"}
     save_checkpoint(model, tmp_path / "ckpt", tmp_path / "fm.json")
     assert torch.allclose(load_checkpoint(tmp_path / "ckpt")(batch), model.eval()(batch))
+
+
+def test_a_misspelled_encoder_option_is_an_error_naming_it(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    # Without `+` Hydra's struct check refuses the key at compose time; with it (or from an experiment
+    # overlay, or a stored config) the key reaches the model, which must refuse it instead of ignoring it.
+    with pytest.raises(ConfigCompositionException, match="head"):
+        compose_config(tmp_path, "model/user_encoder=attention", "model.user_encoder.head=4")
+    cfg = compose_config(tmp_path, "model/user_encoder=attention", "+model.user_encoder.head=4")
+    fm, _ = feature_map_and_batch(cfg)
+    with pytest.raises(ConfigError, match=r"model\.user_encoder\.head is not an option of adrec\.models\.sequence\.AttentionEncoderOptions "
+                                          r"\(did you mean model\.user_encoder\.heads\?\); known: heads, layers, dropout"):
+        build_model(cfg.model, fm)
+
+    spelled = compose_config(tmp_path, "model/user_encoder=attention", "+model.user_encoder.heads=4")
+    model, _ = build_model(spelled.model, fm)
+    assert model.user_tower.config["encoder"] == {"kind": "attention", "heads": 4, "layers": 1, "dropout": 0.1}
+    assert model.user_tower.sequence_encoder.encoder.layers[0].self_attn.num_heads == 4
+
+
+@pytest.mark.parametrize(
+    "model, typo, meant",
+    [("two_tower", "+model.hiden_dims=[8]", "hidden_dims"), ("dcn", "+model.cross_layer=3", "cross_layers")],
+)
+def test_a_misspelled_model_option_is_an_error_naming_it(tmp_path, model, typo, meant):
+    cfg = compose_config(tmp_path, f"model={model}", typo)
+    fm, _ = feature_map_and_batch(cfg)
+    key = typo[1:].split("=")[0]
+    builder = {"two_tower": "two_tower.build_two_tower", "dcn": "ranker.build_dcn"}[model]
+    message = rf"{key} is not an option of adrec\.models\.{builder} \(did you mean model\.{meant}\?\); known: .*\b{meant}\b"
+    with pytest.raises(ConfigError, match=message):
+        build_model(cfg.model, fm)
+
+
+def test_a_misspelled_or_mistyped_loss_option_is_an_error_naming_it(tmp_path):
+    cfg = compose_config(tmp_path, "+model.loss.softmax_wieght=1.0")
+    fm, _ = feature_map_and_batch(cfg)
+    with pytest.raises(ConfigError, match=r"model\.loss\.softmax_wieght is not an option of adrec\.train\.losses\.LossConfig "
+                                          r"\(did you mean model\.loss\.softmax_weight\?\); known: bce_weight, softmax_weight, "):
+        build_model(cfg.model, fm)
+    with pytest.raises(ConfigError, match=r"model\.loss\.uniform_negatives='many': expected int"):
+        build_model(compose_config(tmp_path, "model.loss.uniform_negatives=many").model, fm)
+    _, loss = build_model(compose_config(tmp_path, "model.loss.softmax_weight=1", "model.loss.uniform_negatives=64").model, fm)
+    assert loss.softmax_weight == 1.0 and isinstance(loss.softmax_weight, float) and loss.uniform_negatives == 64
+
+
+def test_only_adrecs_own_components_can_be_built(tmp_path):
+    # Retraining builds the model config an exported model's manifest stores: it must not run what a file names.
+    fm, _ = feature_map_and_batch(compose_config(tmp_path))
+    for target in ("os.system", "adrec.runtime.write_json"):
+        with pytest.raises(ConfigError, match=rf"model\._target_='{target}' is not one of adrec's components; .*build_two_tower"):
+            build_model({"_target_": target, "_partial_": True, "command": "touch pwned"}, fm)
+    stored = OmegaConf.to_container(compose_config(tmp_path).model, resolve=True)
+    stored["user_encoder"] = {"_target_": "subprocess.run", "args": ["touch", "pwned"]}
+    with pytest.raises(ConfigError, match=r"model\.user_encoder\._target_='subprocess\.run' is not one of adrec's components"):
+        build_model(stored, fm)
+
+
+def test_a_checkpoint_builds_only_adrecs_own_models_and_encoders(tmp_path):
+    import json
+
+    from adrec.registry import ArtifactError, load_checkpoint, save_checkpoint, write_manifest
+
+    cfg = compose_config(tmp_path, "model/user_encoder=gru")
+    fm, batch = feature_map_and_batch(cfg)
+    fm.save(tmp_path / "fm.json")
+    model, _ = build_model(cfg.model, fm)
+    save_checkpoint(model, tmp_path / "ckpt", tmp_path / "fm.json")
+    stored = json.loads((tmp_path / "ckpt" / "model.json").read_text())
+    assert stored["user_tower"]["encoder"] == {"kind": "gru", "hidden": 32}  # by kind, never by class path
+    assert torch.allclose(load_checkpoint(tmp_path / "ckpt")(batch), model.eval()(batch))
+
+    def tampered(change) -> None:
+        edited = json.loads(json.dumps(stored))
+        change(edited)
+        (tmp_path / "ckpt" / "model.json").write_text(json.dumps(edited))
+        write_manifest(tmp_path / "ckpt")  # consistent checksums: only what the files say is wrong
+
+    tampered(lambda c: c["user_tower"]["encoder"].update({"_target_": "os.system"}))
+    with pytest.raises(ArtifactError, match=r"encoder\._target_ is not an option of adrec\.models\.sequence\.GRUEncoderOptions"):
+        load_checkpoint(tmp_path / "ckpt")
+    tampered(lambda c: c["user_tower"]["encoder"].update({"kind": "os.system"}))
+    with pytest.raises(ArtifactError, match=r"user encoder kind 'os\.system' is not one of mlp, cnn, gru, attention"):
+        load_checkpoint(tmp_path / "ckpt")
+    tampered(lambda c: c.update({"kind": "subprocess.run"}))
+    with pytest.raises(ArtifactError, match=r"kind 'subprocess\.run'; this adrec version builds only two_tower, dcn"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "cnn", "gru", "attention"])
+def test_a_selection_candidate_is_the_encoders_own_config(tmp_path, encoder):
+    from adrec.train.select import candidate_config
+
+    cfg = compose_config(tmp_path)
+    candidate = candidate_config(cfg, encoder)
+    chosen = compose_config(tmp_path, f"model/user_encoder={encoder}")
+    assert OmegaConf.to_container(candidate.model, resolve=True) == OmegaConf.to_container(chosen.model, resolve=True)
+    assert candidate.paths.train_dir == f"{tmp_path}/train/select/{encoder}"
+    fm, _ = feature_map_and_batch(cfg)
+    assert build_model(candidate.model, fm)[0].user_tower.config["encoder"]["kind"] == encoder
+
+
+def test_an_unknown_selection_candidate_lists_the_encoders(tmp_path):
+    from adrec.train.select import candidate_config
+
+    with pytest.raises(ValueError, match=r"select\.encoders names 'lstm'; the user encoders are \['attention', 'cnn', 'gru', 'mlp'\]"):
+        candidate_config(compose_config(tmp_path), "lstm")
+

@@ -91,6 +91,30 @@ def test_unknown_user_encoder_is_a_clear_error():
         behaviour_tower("lstm")
 
 
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_a_stored_encoder_rebuilds_from_its_kind_and_a_misspelled_option_is_named(kind):
+    from adrec.models.components import ConfigError
+    from adrec.models.sequence import ENCODERS as OPTIONS
+    from adrec.models.sequence import encoder_options
+
+    options = OPTIONS[kind]()
+    assert options.kind == kind and encoder_options(options.describe()) == options
+    with pytest.raises(ConfigError, match=r"encoder\.head is not an option of adrec\.models\.sequence\.\w+EncoderOptions"):
+        encoder_options({**options.describe(), "head": 4})
+
+
+def test_every_component_a_config_may_name_exists_and_every_encoder_is_one():
+    import importlib
+
+    from adrec.models.components import COMPONENTS, target_of
+    from adrec.models.sequence import ENCODERS as OPTIONS
+
+    for target in COMPONENTS:
+        module, _, name = target.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), name)), target
+    assert {target_of(options) for options in OPTIONS.values()} <= set(COMPONENTS)
+
+
 def ranker_inputs(b: int = 4) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
     return {

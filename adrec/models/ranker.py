@@ -128,14 +128,17 @@ class DCNRanker(nn.Module):
 
 def build_dcn(
     feature_map: FeatureMap,
+    *,
     embedding_dim: int,
     cross_layers: int,
     hidden_dims: list[int],
-    target_attention: bool = True,
-    wide: bool = False,
-    dropout: float = 0.0,
+    target_attention: bool,
+    wide: bool,
+    dropout: float,
 ) -> DCNRanker:
-    """Size the ranker from ``feature_map``: every group's features, histories attending when their tables exist."""
+    """Size the ranker from ``feature_map``: every group's features, histories attending when their tables exist.
+
+    The options are conf/model/dcn.yaml's, which states each (no defaults here)."""
     specs = feature_map.features
     categorical = {s.name: feature_map.cardinality(s.name) for s in specs if s.kind in ("categorical", "bucket")}
     history = {}

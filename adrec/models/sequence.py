@@ -1,10 +1,13 @@
 """Behaviour-sequence encoders: the user's recent clicks, (B, L, E) -> (B, E).
 
-Chosen by ``model.user_encoder.kind`` (conf/model/user_encoder/):
-    mlp        masked mean of the item embeddings (the seed's pooling; the tower's MLP follows)
-    cnn        1-D convolutions over neighbouring clicks, then a masked max-pool
-    gru        a GRU read from the oldest click to the newest; its last state
-    attention  a transformer encoder with position embeddings, read out at a [CLS] slot
+Each kind has an options dataclass, which a config names by ``_target_``
+(conf/model/user_encoder/<kind>.yaml) and which holds the kind's defaults:
+    mlp        MeanEncoderOptions       masked mean of the item embeddings (the tower's MLP follows)
+    cnn        ConvEncoderOptions       1-D convolutions over neighbouring clicks, then a masked max-pool
+    gru        GRUEncoderOptions        a GRU read from the oldest click to the newest; its last state
+    attention  AttentionEncoderOptions  a transformer encoder with position embeddings, read at a [CLS] slot
+A tower stores its encoder as ``options.describe()``, ``{"kind": <kind>, **options}``: artifacts
+name the encoder by kind from this fixed set (ENCODERS), so loading one imports nothing it names.
 
 Histories are stored most recent first and right-padded with PAD; ``mask`` (B, L) is True on
 real clicks. Every encoder maps an empty history to a learned or zero vector, never NaN.
@@ -12,8 +15,14 @@ real clicks. Every encoder maps an empty history to a learned or zero vector, ne
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
+
+from adrec.models.components import ConfigError, build_options
 
 
 def masked_mean(items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -83,14 +92,69 @@ class AttentionEncoder(nn.Module):
         return self.encoder(x, src_key_padding_mask=~keep)[:, 0]
 
 
-def build_sequence_encoder(kind: str, dim: int, max_len: int, **options) -> nn.Module:
-    """An encoder (B, L, dim) items + (B, L) mask -> (B, dim) by ``kind``; ``options`` per kind (see conf/model/user_encoder/)."""
-    if kind == "mlp":
+@dataclass(frozen=True, kw_only=True)
+class EncoderOptions:
+    """The options of one kind of encoder; ``build`` makes the (B, L, dim) + (B, L) -> (B, dim) module."""
+
+    kind: ClassVar[str]
+
+    def build(self, dim: int, max_len: int) -> nn.Module:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What an artifact stores: ``{"kind": ..., **options}`` (JSON: tuples as lists)."""
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeanEncoderOptions(EncoderOptions):
+    kind: ClassVar[str] = "mlp"
+
+    def build(self, dim: int, max_len: int) -> nn.Module:
         return MeanEncoder()
-    if kind == "cnn":
-        return ConvEncoder(dim, list(options.get("kernel_sizes", [2, 3])), int(options.get("channels", dim)))
-    if kind == "gru":
-        return GRUEncoder(dim, int(options.get("hidden", dim)))
-    if kind == "attention":
-        return AttentionEncoder(dim, max_len, int(options.get("heads", 2)), int(options.get("layers", 1)), float(options.get("dropout", 0.1)))
-    raise ValueError(f"model.user_encoder.kind={kind!r} is not one of mlp, cnn, gru, attention")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvEncoderOptions(EncoderOptions):
+    kind: ClassVar[str] = "cnn"
+    kernel_sizes: tuple[int, ...] = (2, 3)  # one convolution per width
+    channels: int = 32  # per convolution
+
+    def build(self, dim: int, max_len: int) -> nn.Module:
+        return ConvEncoder(dim, list(self.kernel_sizes), self.channels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GRUEncoderOptions(EncoderOptions):
+    kind: ClassVar[str] = "gru"
+    hidden: int = 32  # the GRU's state size
+
+    def build(self, dim: int, max_len: int) -> nn.Module:
+        return GRUEncoder(dim, self.hidden)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionEncoderOptions(EncoderOptions):
+    kind: ClassVar[str] = "attention"
+    heads: int = 2  # must divide the embedding dimension
+    layers: int = 1
+    dropout: float = 0.1
+
+    def build(self, dim: int, max_len: int) -> nn.Module:
+        return AttentionEncoder(dim, max_len, self.heads, self.layers, self.dropout)
+
+
+ENCODERS: dict[str, type[EncoderOptions]] = {
+    options.kind: options for options in (MeanEncoderOptions, ConvEncoderOptions, GRUEncoderOptions, AttentionEncoderOptions)
+}
+
+
+def encoder_options(encoder: EncoderOptions | Mapping) -> EncoderOptions:
+    """``encoder`` itself, or the options a stored ``{"kind": ..., **options}`` describes (``describe``'s inverse)."""
+    if isinstance(encoder, EncoderOptions):
+        return encoder
+    values = dict(encoder)
+    kind = values.pop("kind", None)
+    if kind not in ENCODERS:
+        raise ConfigError(f"user encoder kind {kind!r} is not one of {', '.join(ENCODERS)}")
+    return build_options(ENCODERS[kind], values, "encoder")

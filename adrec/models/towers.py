@@ -7,11 +7,13 @@ behaviour-sequence encoder (adrec.models.sequence).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from adrec.features import OOV, PAD
-from adrec.models.sequence import build_sequence_encoder
+from adrec.models.sequence import EncoderOptions, encoder_options
 
 
 def mlp(input_dim: int, hidden_dims: list[int], output_dim: int) -> nn.Sequential:
@@ -33,7 +35,8 @@ class EmbeddingMLPTower(nn.Module):
         mean-pooled as bags (text tokens).
     behaviour: {feature name: cardinality} of position-aligned click sequences (``history`` and
         ``history_<attribute>``), each (B, L); their embeddings are summed per position and read
-        by ``encoder`` ({"kind": mlp|cnn|gru|attention, ...options}).
+        by ``encoder``: sequence-encoder options (adrec.models.sequence), or their stored form
+        ``{"kind": mlp|cnn|gru|attention, ...options}``; the mean (mlp) when None.
     dense: feature names, each input (B,) float32.
     oov_dropout: share of training values of each categorical feature replaced by OOV, so every
         OOV row learns what "unknown" means: a new user or ad, a missing attribute or context.
@@ -54,7 +57,7 @@ class EmbeddingMLPTower(nn.Module):
         dense: list[str] | None = None,
         oov_dropout: float = 0.0,
         behaviour: dict[str, int] | None = None,
-        encoder: dict | None = None,
+        encoder: EncoderOptions | Mapping | None = None,
         max_len: int = 0,
         normalize: bool = False,
         temperature: float = 1.0,
@@ -62,7 +65,7 @@ class EmbeddingMLPTower(nn.Module):
     ) -> None:
         super().__init__()
         behaviour = dict(behaviour or {})
-        encoder = dict(encoder or {"kind": "mlp"})
+        encoder = encoder_options(encoder or {"kind": "mlp"})
         # Constructor arguments travel with the weights, so a tower rebuilds without the training config.
         self.config = {
             "categorical": dict(categorical),
@@ -73,7 +76,7 @@ class EmbeddingMLPTower(nn.Module):
             "dense": list(dense or []),
             "oov_dropout": oov_dropout,
             "behaviour": behaviour,
-            "encoder": encoder,
+            "encoder": encoder.describe(),
             "max_len": max_len,
             "normalize": normalize,
             "temperature": temperature,
@@ -85,7 +88,7 @@ class EmbeddingMLPTower(nn.Module):
             {name: nn.EmbeddingBag(card, embedding_dim, mode="mean", padding_idx=PAD, sparse=sparse) for name, card in sequences.items()}
         )
         self.behaviour = nn.ModuleDict({name: nn.Embedding(card, embedding_dim, padding_idx=PAD, sparse=sparse) for name, card in behaviour.items()})
-        self.sequence_encoder = build_sequence_encoder(dim=embedding_dim, max_len=max_len, **encoder) if behaviour else None
+        self.sequence_encoder = encoder.build(embedding_dim, max_len) if behaviour else None
         self.dense = list(dense or [])
         width = embedding_dim * (len(categorical) + len(sequences) + bool(behaviour)) + len(self.dense)
         self.mlp = mlp(width, hidden_dims, output_dim)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from adrec.features import FeatureMap
+from adrec.models.sequence import EncoderOptions
 from adrec.models.towers import EmbeddingMLPTower
 
 
@@ -45,25 +46,27 @@ def is_behaviour(name: str) -> bool:
 
 def build_two_tower(
     feature_map: FeatureMap,
+    *,
     embedding_dim: int,
     hidden_dims: list[int],
     output_dim: int,
-    oov_dropout: float = 0.0,
-    user_encoder: dict | None = None,
-    normalize: bool = False,
-    temperature: float = 1.0,
-    drop_features: list[str] | None = None,
-    sparse_embeddings: bool = False,
+    oov_dropout: float,
+    user_encoder: EncoderOptions,
+    normalize: bool,
+    temperature: float,
+    drop_features: list[str],
+    sparse_embeddings: bool,
 ) -> TwoTower:
     """Size both towers from ``feature_map``: user + context features on one side, ad features on the other.
 
-    user_encoder: {"kind": mlp|cnn|gru|attention, ...options} for the behaviour sequence.
+    The options are conf/model/two_tower.yaml's, which states each (no defaults here):
+    user_encoder: the behaviour sequence's encoder (conf/model/user_encoder/, adrec.models.sequence).
     normalize, temperature: U . V becomes cos(U, V) / temperature (see EmbeddingMLPTower).
     drop_features: features the towers leave out, e.g. [user_id] so that users are known only by
         their history and profile (no per-user table to memorise; new users are no different).
     sparse_embeddings: id tables get sparse, row-wise gradients (see EmbeddingMLPTower).
     """
-    dropped = set(drop_features or [])
+    dropped = set(drop_features)
     unknown = dropped - {f.name for f in feature_map.features}
     if unknown:
         raise ValueError(f"model.drop_features names {sorted(unknown)}, which the feature map does not have")
@@ -74,7 +77,7 @@ def build_two_tower(
             f"user={feature_map.names('user')} ad={feature_map.names('ad')}: map user_id and ad_id in data.events.columns"
         )
 
-    def tower(groups: tuple[str, ...], encoder: dict | None) -> EmbeddingMLPTower:
+    def tower(groups: tuple[str, ...], encoder: EncoderOptions | None) -> EmbeddingMLPTower:
         def names(kind: str) -> list[str]:
             return [n for g in groups for n in feature_map.names(g, kind) if n not in dropped]
 
@@ -96,5 +99,4 @@ def build_two_tower(
             sparse=sparse_embeddings,
         )
 
-    encoder = dict(user_encoder or {"kind": "mlp"})
-    return TwoTower(tower(("user", "context"), encoder), tower(("ad",), None))
+    return TwoTower(tower(("user", "context"), user_encoder), tower(("ad",), None))

@@ -8,25 +8,44 @@ negatives; subtracting log q (the logQ correction of Yi et al., RecSys 2019) rem
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from adrec.models.components import ConfigError, instantiate, target_of
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    bce_weight: float = 1.0
-    softmax_weight: float = 0.0
-    logq_correction: bool = True
-    remove_accidental_hits: bool = True
-    uniform_negatives: int = 0
+    """``model.loss``: the training objective, bce_weight * BCE + softmax_weight * in-batch softmax.
+
+    conf/model/*.yaml name it ``_target_: adrec.train.losses.LossConfig``; these defaults apply to
+    the options a section leaves out (two_tower.yaml states every one, so each can be overridden).
+    """
+
+    bce_weight: float = 1.0  # pointwise BCE on impressions: the pCTR
+    softmax_weight: float = 0.0  # in-batch sampled softmax over the batch's ads: retrieval
+    logq_correction: bool = True  # subtract log(sampling probability) of each in-batch candidate
+    remove_accidental_hits: bool = True  # a candidate that is the positive's own ad is not a negative
+    uniform_negatives: int = 0  # extra negatives drawn uniformly from the ad catalog per batch
+
+    def __post_init__(self) -> None:
+        if self.bce_weight < 0 or self.softmax_weight < 0 or self.bce_weight + self.softmax_weight == 0:
+            raise ValueError(f"model.loss weights must be >= 0 and not both 0, got bce_weight={self.bce_weight} softmax_weight={self.softmax_weight}")
+        if self.uniform_negatives < 0:
+            raise ValueError(f"model.loss.uniform_negatives must be >= 0, got {self.uniform_negatives}")
 
     @classmethod
-    def from_dict(cls, options: dict | None) -> "LossConfig":
-        config = cls(**(options or {}))
-        if config.bce_weight < 0 or config.softmax_weight < 0 or config.bce_weight + config.softmax_weight == 0:
-            raise ValueError(f"model.loss weights must be >= 0 and not both 0, got {config}")
+    def from_dict(cls, options: Mapping | LossConfig | None) -> LossConfig:
+        """The loss a model config's ``loss`` section sets (its ``_target_`` may be left out), or ``options``
+        itself when already one. Raises ConfigError naming an unknown option or a value of the wrong type."""
+        if isinstance(options, cls):
+            return options
+        config = instantiate({"_target_": target_of(cls), **(options or {})}, "model.loss")
+        if not isinstance(config, cls):
+            raise ConfigError(f"model.loss._target_ must be {target_of(cls)}, not {options['_target_']!r}")
         return config
 
 

@@ -17,20 +17,19 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from adrec.models.components import target_of
+from adrec.models.sequence import ENCODERS
 from adrec.runtime import read_json, resolve, write_json
 from adrec.train import driver
 
-ENCODER_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model" / "user_encoder"
-
 
 def candidate_config(cfg, encoder: str):
-    """``cfg`` with ``model/user_encoder=<encoder>`` and its own train folder."""
-    path = ENCODER_CONFIGS / f"{encoder}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in ENCODER_CONFIGS.glob("*.yaml"))
-        raise ValueError(f"select.encoders names {encoder!r}; the user encoders are {known}")
+    """``cfg`` with the user encoder of kind ``encoder`` (its class's defaults, as ``model/user_encoder=<encoder>``
+    gives) and its own train folder."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"select.encoders names {encoder!r}; the user encoders are {sorted(ENCODERS)}")
     candidate = copy.deepcopy(cfg)
-    OmegaConf.update(candidate, "model.user_encoder", OmegaConf.load(path), merge=False)
+    OmegaConf.update(candidate, "model.user_encoder", {"_target_": target_of(ENCODERS[encoder])}, merge=False)
     OmegaConf.update(candidate, "paths.train_dir", str(Path(resolve(cfg.paths.train_dir)) / "select" / encoder))
     return candidate
 
