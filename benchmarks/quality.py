@@ -11,7 +11,8 @@ Prints JSON with mean and std over seeds:
     criteo.auc, criteo.logloss, criteo.lr_auc  the DCN ranker and logistic regression (scikit-learn,
                                           one-hot of the same encoded features) on the same 5 folds
 Every stage runs through the jobs' own code (prepare -> Ray Train -> evaluate) in one Ray session;
-the real datasets are read in place from ../shared/data (or $ADREC_SHARED_DATA).
+MovieLens and Criteo run their tuned settings, conf/experiment/{movielens,criteo}.yaml, on the
+datasets read in place from ../shared/data (or $ADREC_SHARED_DATA).
 """
 
 from __future__ import annotations
@@ -37,41 +38,10 @@ from adrec.runtime import init_ray  # noqa: E402
 from adrec.train import driver  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("ADREC_SHARED_DATA", ROOT.parent / "shared" / "data"))  # read in place, never copied
 ENCODERS = ("mlp", "cnn", "gru", "attention")
-MOVIELENS = [
-    "data=movielens",
-    f"data.path={DATA / 'movielens-100k'}",
-    "data.label_rule.implicit=true",
-    "data.prepare.min_count=1",
-    "model.loss.bce_weight=0.0",
-    "model.loss.softmax_weight=1.0",
-    # The best of what was tried (README): linear towers over 64-d embeddings, cosine / 0.2, few epochs;
-    # deeper towers, lower temperatures and longer training overfit this small log.
-    "model.normalize=true",
-    "model.temperature=0.2",
-    "model.hidden_dims=[]",
-    "model.embedding_dim=64",
-    "model.output_dim=64",
-    "model.oov_dropout=0.0",
-    "trainer.select_metric=val_loss",
-    "trainer.select_mode=min",
-    "trainer.batch_size=512",
-    "trainer.epochs=5",
-]
-CRITEO = [
-    "data=criteo",
-    f"data.path={DATA / 'criteo-dac-8k'}",
-    "data.prepare.split.kind=kfold",
-    "model=dcn",
-    # 6,400 training rows: the ranker overfits after an epoch or two, so a low rate and strong L2.
-    "trainer.batch_size=256",
-    "trainer.epochs=3",
-    "trainer.lr=0.001",
-    "trainer.weight_decay=0.01",
-    "trainer.select_metric=val_logloss",
-    "trainer.select_mode=min",
-]
+# The tuned settings of each real dataset are its experiment overlay (conf/experiment/), whose data.path
+# reads $ADREC_SHARED_DATA: absolute here, so the benchmark runs from any directory. Read in place, never copied.
+os.environ.setdefault("ADREC_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
 
 
 EXTRA: list[str] = []  # --set overrides, applied after each dataset's own
@@ -102,7 +72,7 @@ def synthetic_runs(seed: int, out: Path) -> dict[str, dict]:
 
 
 def movielens_run(seed: int, out: Path) -> dict:
-    cfg = config(out / f"movielens-{seed}", [f"seed={seed}", *MOVIELENS])
+    cfg = config(out / f"movielens-{seed}", [f"seed={seed}", "experiment=movielens"])
     prepare.run(cfg)
     metrics = train_and_evaluate(cfg)
     return {k: metrics[k] for k in ("recall@10", "ndcg@10", "hitrate@10", "popularity_recall@10", "popularity_ndcg@10", "retrieval_queries")}
@@ -110,10 +80,9 @@ def movielens_run(seed: int, out: Path) -> dict:
 
 def logistic_regression_auc(prepared: Path) -> float:
     """AUC of L2 logistic regression on one-hot encoded ids (+ dense values), fitted on train + validation."""
+    from scipy.sparse import hstack
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import OneHotEncoder
-
-    from scipy.sparse import hstack
 
     fit = pd.concat([pq.read_table(prepared / split).to_pandas() for split in ("train", "validation")])
     test = pq.read_table(prepared / "test").to_pandas()
@@ -132,7 +101,8 @@ def criteo_runs(seed: int, out: Path, folds: int = 5) -> dict:
     """The DCN ranker and logistic regression on the same ``folds`` cross-validation folds."""
     per_fold = []
     for fold in range(folds):
-        cfg = config(out / f"criteo-{seed}-{fold}", [f"seed={seed}", *CRITEO, f"data.prepare.split.fold={fold}", f"data.prepare.split.folds={folds}"])
+        folding = [f"data.prepare.split.fold={fold}", f"data.prepare.split.folds={folds}"]
+        cfg = config(out / f"criteo-{seed}-{fold}", [f"seed={seed}", "experiment=criteo", *folding])
         prepare.run(cfg)
         metrics = train_and_evaluate(cfg)
         per_fold.append({"auc": metrics["auc"], "logloss": metrics["logloss"], "lr_auc": logistic_regression_auc(Path(cfg.paths.prepared_dir))})

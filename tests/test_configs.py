@@ -175,3 +175,34 @@ def test_an_unknown_selection_candidate_lists_the_encoders(tmp_path):
     with pytest.raises(ValueError, match=r"select\.encoders names 'lstm'; the user encoders are \['attention', 'cnn', 'gru', 'mlp'\]"):
         candidate_config(compose_config(tmp_path), "lstm")
 
+
+@pytest.mark.parametrize("experiment", ["movielens", "criteo"])
+def test_each_experiment_composes_its_tuned_settings_and_builds_its_model(tmp_path, monkeypatch, experiment):
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setenv("ADREC_SHARED_DATA", "/shared/data")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"run_dir={tmp_path}", f"experiment={experiment}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["data"]["name"] == experiment and resolved["run_dir"] == str(tmp_path)
+    tuned = {
+        "movielens": {
+            "data.path": "/shared/data/movielens-100k", "data.label_rule.implicit": True, "data.prepare.min_count": 1,
+            "model._target_": "adrec.models.two_tower.build_two_tower", "model.normalize": True, "model.temperature": 0.2,
+            "model.hidden_dims": [], "model.embedding_dim": 64, "model.output_dim": 64, "model.oov_dropout": 0.0,
+            "model.loss.bce_weight": 0.0, "model.loss.softmax_weight": 1.0,
+            "trainer.select_metric": "val_loss", "trainer.select_mode": "min", "trainer.batch_size": 512, "trainer.epochs": 5,
+        },
+        "criteo": {
+            "data.path": "/shared/data/criteo-dac-8k", "data.prepare.split.kind": "kfold", "model._target_": "adrec.models.ranker.build_dcn",
+            "trainer.batch_size": 256, "trainer.epochs": 3, "trainer.lr": 0.001, "trainer.weight_decay": 0.01,
+            "trainer.select_metric": "val_logloss", "trainer.select_mode": "min",
+        },
+    }[experiment]
+    assert {key: OmegaConf.select(cfg, key) for key in tuned} == tuned
+    assert cfg.data.label_rule.at_least == 4 if experiment == "movielens" else cfg.data.prepare.split.folds == 5  # the rest as before
+
+    fm, batch = feature_map_and_batch(cfg)
+    model, loss = build_model(cfg.model, fm)
+    assert model.eval()(batch).shape == (7,) and torch.isfinite(model(batch)).all()
+    assert loss.softmax_weight == (1.0 if experiment == "movielens" else 0.0)
