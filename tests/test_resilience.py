@@ -17,8 +17,10 @@ def test_worker_killed_mid_epoch_resumes_and_matches_an_uninterrupted_run(tiny_r
     uninterrupted = driver.run(compose_config(tmp_path / "clean", *common))
     steps_per_epoch = uninterrupted["epochs"][0]["steps"]
     cfg = compose_config(
-        tmp_path / "faulty", *common,
-        f"trainer.checkpoint_every_steps={max(steps_per_epoch // 3, 1)}", f"trainer.fail_at_step={steps_per_epoch + steps_per_epoch // 2 + 1}",
+        tmp_path / "faulty",
+        *common,
+        f"trainer.checkpoint_every_steps={max(steps_per_epoch // 3, 1)}",
+        f"trainer.fail_at_step={steps_per_epoch + steps_per_epoch // 2 + 1}",
     )
     result = driver.run(cfg)
 
@@ -42,9 +44,15 @@ def test_resume_from_warm_starts_the_weights(tiny_run, tmp_path):
     # lr 0: the weights stay exactly the checkpoint's, so validation must reproduce its AUC.
     # The storage path is a pyarrow URI, as on a cluster (s3://, gs://).
     cfg = compose_config(
-        tmp_path, f"paths.prepared_dir={tiny_run['cfg'].paths.prepared_dir}", f"trainer.resume_from={trained['best_checkpoint']}",
-        "trainer.lr=0", "trainer.epochs=1", "trainer.num_workers=1", "trainer.cpus_per_worker=1",
-        f"trainer.storage_path=file://{tmp_path}/storage", f"trainer.mlflow.tracking_uri=file://{tmp_path}/mlruns",
+        tmp_path,
+        f"paths.prepared_dir={tiny_run['cfg'].paths.prepared_dir}",
+        f"trainer.resume_from={trained['best_checkpoint']}",
+        "trainer.lr=0",
+        "trainer.epochs=1",
+        "trainer.num_workers=1",
+        "trainer.cpus_per_worker=1",
+        f"trainer.storage_path=file://{tmp_path}/storage",
+        f"trainer.mlflow.tracking_uri=file://{tmp_path}/mlruns",
     )
     result = driver.run(cfg)
     assert result["epochs"][0]["val_auc"] == pytest.approx(trained["best"]["val_auc"], abs=1e-6)

@@ -20,8 +20,13 @@ from tests.conftest import compose_config
 def test_user_encoder_trains_from_one_config_value(tiny_run, tmp_path, encoder, loss):
     prepared = tiny_run["cfg"].paths.prepared_dir
     cfg = compose_config(
-        tmp_path, f"paths.prepared_dir={prepared}", f"model/user_encoder={encoder}", *loss,
-        "trainer.num_workers=1", "trainer.cpus_per_worker=1", "trainer.epochs=2",
+        tmp_path,
+        f"paths.prepared_dir={prepared}",
+        f"model/user_encoder={encoder}",
+        *loss,
+        "trainer.num_workers=1",
+        "trainer.cpus_per_worker=1",
+        "trainer.epochs=2",
     )
     result = driver.run(cfg)
     assert [e["epoch"] for e in result["epochs"]] == [1, 2]
@@ -36,8 +41,12 @@ def test_selection_trains_each_encoder_and_marks_the_best_on_validation(tiny_run
     from adrec.train import select
 
     cfg = compose_config(
-        tmp_path, f"paths.prepared_dir={tiny_run['cfg'].paths.prepared_dir}", "select.encoders=[mlp,gru]",
-        "trainer.num_workers=1", "trainer.cpus_per_worker=1", "trainer.epochs=1",
+        tmp_path,
+        f"paths.prepared_dir={tiny_run['cfg'].paths.prepared_dir}",
+        "select.encoders=[mlp,gru]",
+        "trainer.num_workers=1",
+        "trainer.cpus_per_worker=1",
+        "trainer.epochs=1",
     )
     selection = select.run(cfg)
     scores = {name: c["validation"]["val_auc"] for name, c in selection["candidates"].items()}
@@ -54,3 +63,30 @@ def test_sparse_id_tables_train_data_parallel(tiny_run, tmp_path):
     assert result["workers"] == 2 and result["best"]["val_auc"] > 0.6, result["best"]
     model = load_checkpoint(result["best_checkpoint"])
     assert model.user_tower.config["sparse"] and model.user_tower.embeddings["user_id"].sparse
+
+
+def test_a_misspelled_trainer_option_is_named_before_ray_starts(tmp_path):
+    # `+` adds a key Hydra's struct check would refuse; a mapping edited in code (open_dict) gets the same check.
+    cfg = compose_config(tmp_path, "+trainer.epoch=3")
+    with pytest.raises(ValueError, match=r"trainer\.epoch is not a trainer option \(did you mean trainer\.epochs\?\); known: .*\bepochs\b"):
+        driver.run(cfg)
+
+
+def test_trainer_options_mirror_the_yaml_and_name_what_is_wrong(tmp_path):
+    from omegaconf import OmegaConf
+
+    from adrec.train.config import TrainerOptions
+
+    group = compose_config(tmp_path).trainer
+    options = TrainerOptions.from_config(group)
+    assert options.epochs == 3 and options.cpus_per_worker == 0.5 and options.mlflow.experiment == "adrec"
+    assert options.storage_path == str(tmp_path / "train")  # interpolations resolved
+    plain = OmegaConf.to_container(group, resolve=True)
+    with pytest.raises(ValueError, match=r"trainer\.mlflow\.tracking_url is not a trainer\.mlflow option"):
+        TrainerOptions.from_config({**plain, "mlflow": {"tracking_url": "file:///x", "experiment": "adrec"}})
+    with pytest.raises(ValueError, match=r"trainer\.epochs missing"):
+        TrainerOptions.from_config({k: v for k, v in plain.items() if k != "epochs"})
+    with pytest.raises(ValueError, match=r"trainer\.batch_size='512': expected an integer"):
+        TrainerOptions.from_config({**plain, "batch_size": "512"})
+    with pytest.raises(ValueError, match=r"trainer\.epochs is null"):
+        TrainerOptions.from_config({**plain, "epochs": None})

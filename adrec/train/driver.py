@@ -8,6 +8,7 @@ so the global batch is batch_size * num_workers, and the learning rate is scaled
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -23,7 +24,9 @@ from adrec.data.sources import ParquetFiles, list_files
 from adrec.data.staging import parquet_rows
 from adrec.features import FeatureMap
 from adrec.registry import check_grows_from, verify_manifest
-from adrec.runtime import init_ray_from, require, resolve, write_json
+from adrec.results import TrainResult
+from adrec.runtime import init_ray_from, require, resolve
+from adrec.train.config import LoopConfig, TrainerOptions
 from adrec.train.loop import train_loop_per_worker
 
 READ_CPUS = 0.5  # per read task: decoding Parquet leaves half a core for the training math
@@ -42,12 +45,15 @@ def scaled_lr(lr: float, rule: str, num_workers: int) -> float:
     return lr * LR_SCALING[rule](num_workers)
 
 
-def scaling_config(t) -> ScalingConfig:
-    resources = {"CPU": float(t.cpus_per_worker)}
-    if t.use_gpu:
-        resources["GPU"] = float(t.gpus_per_worker)
+def scaling_config(trainer: TrainerOptions) -> ScalingConfig:
+    resources = {"CPU": trainer.cpus_per_worker}
+    if trainer.use_gpu:
+        resources["GPU"] = trainer.gpus_per_worker
     return ScalingConfig(
-        num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu), resources_per_worker=resources, placement_strategy=str(t.placement_strategy)
+        num_workers=trainer.num_workers,
+        use_gpu=trainer.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=trainer.placement_strategy,
     )
 
 
@@ -63,37 +69,36 @@ def warm_start(path: str | None, prepared: Path) -> str | None:
     return str(directory)
 
 
-def loop_config(cfg, prepared: Path, feature_map_path: Path, run_name: str) -> dict:
-    """The workers' config: a plain dict with absolute paths (workers chdir into their run folder)."""
-    t = cfg.trainer
-    train_dir = Path(resolve(cfg.paths.train_dir))
-    return {
-        "seed": int(cfg.seed),
-        "feature_map": str(feature_map_path),
-        "catalog": str(prepared / "ads.parquet") if (prepared / "ads.parquet").exists() else None,
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "batch_size": int(t.batch_size),
-        "epochs": int(t.epochs),
-        "lr": scaled_lr(float(t.lr), str(t.lr_scaling), int(t.num_workers)),
-        "weight_decay": float(t.weight_decay),
-        "shuffle_buffer": int(t.shuffle_buffer),
-        "prefetch_batches": int(t.prefetch_batches),
-        "columns": model_columns(FeatureMap.load(feature_map_path)),
-        "validation_files": sorted(str(f) for f in (prepared / "validation").rglob("*.parquet")),
-        # An epoch: this worker's equal share of the training split.
-        "epoch_rows": parquet_rows(prepared / "train") // int(t.num_workers),
-        "stream_epochs": bool(t.stream_epochs),
-        "precision": str(t.precision),
-        "torch_threads": int(t.torch_threads) if t.torch_threads else None,
-        "select_metric": str(t.select_metric),
-        "checkpoint_every_steps": int(t.checkpoint_every_steps or 0),
-        "resume_from": warm_start(t.resume_from, prepared),
-        "log_every_steps": int(t.log_every_steps or 0),
-        "tensorboard_dir": resolve(t.tensorboard_dir) if t.tensorboard_dir else None,
-        "mlflow": OmegaConf.to_container(t.mlflow, resolve=True) if t.get("mlflow") else None,
-        "fail_at_step": int(t.fail_at_step) if t.fail_at_step else None,
-        "fault_marker": str(train_dir / f"fault_injected-{run_name}") if t.fail_at_step else None,
-    }
+def loop_config(trainer: TrainerOptions, model: dict, seed: int, prepared: Path, train_dir: Path, columns: list[str], run_name: str) -> LoopConfig:
+    """The workers' config, resolved here on the driver (``prepared`` and ``train_dir`` absolute)."""
+    catalog = prepared / "ads.parquet"
+    return LoopConfig(
+        seed=seed,
+        feature_map=str(prepared / "feature_map.json"),
+        catalog=str(catalog) if catalog.exists() else None,
+        model=model,
+        columns=tuple(columns),
+        validation_files=tuple(sorted(str(f) for f in (prepared / "validation").rglob("*.parquet"))),
+        epoch_rows=parquet_rows(prepared / "train") // trainer.num_workers,
+        epochs=trainer.epochs,
+        batch_size=trainer.batch_size,
+        lr=scaled_lr(trainer.lr, trainer.lr_scaling, trainer.num_workers),
+        weight_decay=trainer.weight_decay,
+        shuffle_buffer=trainer.shuffle_buffer,
+        prefetch_batches=trainer.prefetch_batches,
+        stream_epochs=trainer.stream_epochs,
+        precision=trainer.precision,
+        torch_threads=trainer.torch_threads or None,
+        select_metric=trainer.select_metric,
+        checkpoint_every_steps=trainer.checkpoint_every_steps,
+        resume_from=warm_start(trainer.resume_from, prepared),
+        log_every_steps=trainer.log_every_steps,
+        tensorboard_dir=resolve(trainer.tensorboard_dir) if trainer.tensorboard_dir else None,
+        mlflow=trainer.mlflow if trainer.mlflow and trainer.mlflow.tracking_uri else None,
+        run_name=run_name,
+        fail_at_step=trainer.fail_at_step or None,
+        fault_marker=str(train_dir / f"fault_injected-{run_name}") if trainer.fail_at_step else None,
+    )
 
 
 def epoch_files(split: Path, epochs: int, seed: int) -> list[tuple[pyarrow.fs.FileSystem, str]]:
@@ -126,50 +131,56 @@ def training_datasets(prepared: Path, columns: list[str], stream_epochs: int, se
     return datasets
 
 
-def run(cfg) -> dict:
-    """Train on ``prepared_dir``; return the best epoch's metrics and checkpoint path."""
-    init_ray_from(cfg)
-    prepared = Path(resolve(cfg.paths.prepared_dir))
-    train_dir = Path(resolve(cfg.paths.train_dir))
+def train(prepared_dir: Path, train_dir: Path, model: dict, trainer: TrainerOptions, seed: int) -> TrainResult:
+    """Train ``model`` (a resolved model config) on ``prepared_dir``'s splits; write and return
+    ``<train_dir>/result.json``: the best epoch's metrics and checkpoint, and every epoch's."""
+    prepared, train_dir = Path(resolve(prepared_dir)), Path(resolve(train_dir))
     feature_map_path = require(prepared / "feature_map.json", "jobs/prepare.py")
     columns = model_columns(FeatureMap.load(feature_map_path))
-    t = cfg.trainer
-    datasets = training_datasets(prepared, columns, int(t.epochs) if t.stream_epochs else 0, int(cfg.seed))
+    datasets = training_datasets(prepared, columns, trainer.epochs if trainer.stream_epochs else 0, seed)
     # A fresh name per run unless given: Ray Train resumes a run whose name and storage it has seen.
-    name = t.run_name or f"{t.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = loop_config(cfg, prepared, feature_map_path, name)
-    score, order = str(t.select_metric), str(t.select_mode)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=scaling_config(t),
+    name = trainer.run_name or f"{trainer.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = loop_config(trainer, model, seed, prepared, train_dir, columns, name)
+    score, order = trainer.select_metric, trainer.select_mode
+    fit = TorchTrainer(
+        # The typed config travels bound to the loop: Ray's train_loop_config is for plain dicts.
+        functools.partial(train_loop_per_worker, config),
+        scaling_config=scaling_config(trainer),
         run_config=RunConfig(
             name=name,
-            storage_path=resolve(t.storage_path),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=int(t.keep_checkpoints), checkpoint_score_attribute=score, checkpoint_score_order=order
-            ),
-            failure_config=FailureConfig(max_failures=int(t.max_failures)),
+            storage_path=resolve(trainer.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints, checkpoint_score_attribute=score, checkpoint_score_order=order),
+            failure_config=FailureConfig(max_failures=trainer.max_failures),
         ),
         datasets=datasets,
     )
     started = time.time()
-    result = trainer.fit()
+    result = fit.fit()
     # Mid-epoch checkpoints carry a NaN score: only epoch ends compete for best.
     scored = [(c, m) for c, m in result.best_checkpoints if math.isfinite(float(m.get(score, math.nan)))]
     if not scored:
         raise RuntimeError(f"training reported no {score}: is trainer.select_metric one of val_auc, val_loss, val_logloss?")
     best, best_metrics = (max if order == "max" else min)(scored, key=lambda cm: cm[1][score])
-    summary = {
-        "best_checkpoint": local_checkpoint(best, train_dir),
-        "best": best_metrics,
+    trained = TrainResult(
+        best_checkpoint=local_checkpoint(best, train_dir),
+        best=best_metrics,
         # Every epoch's metrics, as the loop returned them (metrics_dataframe keeps only retained checkpoints).
-        "epochs": result.return_value["epochs"],
-        "run_path": result.path,
-        "seconds": round(time.time() - started, 1),
-        "workers": int(t.num_workers),
-        "global_batch_size": int(t.batch_size) * int(t.num_workers),
-        "lr": config["lr"],
-    }
-    write_json(train_dir / "result.json", summary)
-    return summary
+        epochs=result.return_value["epochs"],
+        run_path=result.path,
+        seconds=round(time.time() - started, 1),
+        workers=trainer.num_workers,
+        global_batch_size=trainer.batch_size * trainer.num_workers,
+        lr=config.lr,
+    )
+    trained.save(train_dir)
+    return trained
+
+
+def run(cfg) -> dict:
+    """``train`` on a composed config: the job's (and the tests') entry; returns ``result.json``'s dict."""
+    # Checked before Ray starts, so a misspelled option costs no cluster start-up.
+    trainer = TrainerOptions.from_config(cfg.trainer)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    init_ray_from(cfg)
+    result = train(Path(resolve(cfg.paths.prepared_dir)), Path(resolve(cfg.paths.train_dir)), model, trainer, int(cfg.seed))
+    return result.to_json()

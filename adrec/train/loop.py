@@ -35,6 +35,7 @@ from adrec.features import FeatureMap
 from adrec.inference import to_features
 from adrec.models import build_model
 from adrec.registry import load_grown, load_training_state, save_checkpoint
+from adrec.train.config import LoopConfig
 from adrec.train.losses import LossConfig, candidate_log_q, in_batch_softmax
 from adrec.train.monitor import EpochLog
 from adrec.train.optim import SparseDenseAdam, build_optimizer
@@ -155,11 +156,12 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
-def restore(model: nn.Module, optimizer: SparseDenseAdam, config: dict) -> dict:
+def restore(model: nn.Module, optimizer: SparseDenseAdam, resume_from: str | None) -> dict:
     """Load what this run resumes from; return its progress ({} for a fresh start).
 
     A checkpoint of this run (after a worker failure) restores weights, optimizer and progress;
-    ``resume_from`` restores weights only. Either is verified against its checksums first.
+    ``resume_from`` (a checkpoint of another run) restores weights only. Either is verified
+    against its checksums first.
     """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -170,17 +172,17 @@ def restore(model: nn.Module, optimizer: SparseDenseAdam, config: dict) -> dict:
             optimizer.load_state_dict(optimizer_state)
         log.info("resumed from %s at epoch %s step %s", checkpoint.path, progress.get("epoch"), progress.get("step"))
         return progress
-    if config.get("resume_from"):
-        weights, _, _ = load_training_state(config["resume_from"])
+    if resume_from:
+        weights, _, _ = load_training_state(resume_from)
         grown = load_grown(model, weights)  # new users and ads: new rows; every old row as trained
-        log.info("warm-started from %s (grown tables: %s)", config["resume_from"], grown or "none")
+        log.info("warm-started from %s (grown tables: %s)", resume_from, grown or "none")
     return {}
 
 
-def maybe_inject_fault(step: int, config: dict) -> None:
+def maybe_inject_fault(step: int, config: LoopConfig) -> None:
     """Kill this worker process once at global step ``fail_at_step`` (fault-injection tests)."""
-    marker = config.get("fault_marker")
-    if config.get("fail_at_step") != step or ray.train.get_context().get_world_rank() != 0 or not marker:
+    marker = config.fault_marker
+    if config.fail_at_step != step or ray.train.get_context().get_world_rank() != 0 or not marker:
         return
     if Path(marker).exists():  # injected in an earlier attempt: the restarted run goes on
         return
@@ -191,21 +193,21 @@ def maybe_inject_fault(step: int, config: dict) -> None:
 class Run:
     """One worker's training state: the model, optimizer, data shards and progress counters."""
 
-    def __init__(self, config: dict) -> None:
-        torch.manual_seed(config["seed"])
-        if config.get("torch_threads"):
-            torch.set_num_threads(int(config["torch_threads"]))
+    def __init__(self, config: LoopConfig) -> None:
+        torch.manual_seed(config.seed)
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
         self.config = config
         self.context = ray.train.get_context()
-        self.feature_map = FeatureMap.load(config["feature_map"])
-        model, loss_options = build_model(config["model"], self.feature_map)
+        self.feature_map = FeatureMap.load(config.feature_map)
+        model, loss_options = build_model(config.model, self.feature_map)
         self.device = ray.train.torch.get_device()
-        self.autocast = autocast_for(config.get("precision", "auto"), self.device)
+        self.autocast = autocast_for(config.precision, self.device)
         self.model = ray.train.torch.prepare_model(model)
         self.bare = getattr(self.model, "module", self.model)  # DDP wraps only when world size > 1
-        self.optimizer = build_optimizer(self.model, config["lr"], config["weight_decay"])
-        self.objective = Objective(LossConfig.from_dict(loss_options), self.feature_map, config.get("catalog"), self.device)
-        progress = restore(self.bare, self.optimizer, config)
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay)
+        self.objective = Objective(LossConfig.from_dict(loss_options), self.feature_map, config.catalog, self.device)
+        progress = restore(self.bare, self.optimizer, config.resume_from)
         self.epoch = int(progress.get("epoch", 0))  # completed epochs
         self.step = int(progress.get("step", 0))
         # Samples this worker had trained on in the epoch a mid-epoch checkpoint interrupted.
@@ -221,10 +223,10 @@ class Run:
     def batches(self, split: str, shuffle: bool):
         shard = ray.train.get_dataset_shard(split)
         return shard.iter_torch_batches(
-            batch_size=self.config["batch_size"],
-            local_shuffle_buffer_size=self.config["shuffle_buffer"] if shuffle else None,
-            local_shuffle_seed=self.config["seed"] + self.context.get_world_rank() if shuffle else None,
-            prefetch_batches=int(self.config.get("prefetch_batches", 2)),
+            batch_size=self.config.batch_size,
+            local_shuffle_buffer_size=self.config.shuffle_buffer if shuffle else None,
+            local_shuffle_seed=self.config.seed + self.context.get_world_rank() if shuffle else None,
+            prefetch_batches=self.config.prefetch_batches,
             device=self.device,
         )
 
@@ -237,8 +239,8 @@ class Run:
         the data pipeline starts once per run instead of once per epoch (seconds each here).
         Blocks may arrive slightly out of order, so epochs can blend at their edges.
         """
-        budget = self.config["epoch_rows"] - self.epoch_samples
-        if self.config.get("stream_epochs"):
+        budget = self.config.epoch_rows - self.epoch_samples
+        if self.config.stream_epochs:
             self.stream = self.stream or self.skipped(iter(self.batches("train", shuffle=True)))
             source = self.stream
         else:
@@ -266,21 +268,27 @@ class Run:
             "step": self.step,
             # A mid-epoch checkpoint resumes its epoch with the samples still due (data is not checkpointed).
             "epoch_samples": self.epoch_samples if in_epoch else 0,
-            "stream_samples": self.streamed if self.config.get("stream_epochs") else (self.epoch_samples if in_epoch else 0),
+            "stream_samples": self.streamed if self.config.stream_epochs else (self.epoch_samples if in_epoch else 0),
             "history": self.history,
         }
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.context.get_world_rank() == 0:
                 save_checkpoint(
-                    self.bare, tmp, self.config["feature_map"], optimizer_state=self.optimizer.state_dict(),
-                    progress=progress, epoch=metrics["epoch"], step=self.step, metrics=metrics,
+                    self.bare,
+                    tmp,
+                    self.config.feature_map,
+                    optimizer_state=self.optimizer.state_dict(),
+                    progress=progress,
+                    epoch=metrics["epoch"],
+                    step=self.step,
+                    metrics=metrics,
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
     def train_epoch(self) -> dict:
-        config, every = self.config, int(self.config.get("checkpoint_every_steps") or 0)
+        config, every = self.config, self.config.checkpoint_every_steps
         started, seen, loss_sum, steps, first_batch = time.perf_counter(), 0, 0.0, 0, None
         for batch in self.train_batches():
             first_batch = first_batch or time.perf_counter() - started
@@ -293,7 +301,9 @@ class Run:
             self.monitor.step(self.epoch + 1, self.step, loss_sum / steps, seen * self.context.get_world_size(), started)
             if every and self.step % every == 0:
                 # No validation mid-epoch: the score is NaN, so best-k keeps epoch ends (Ray keeps the latest too).
-                self.report({"epoch": self.epoch + 1, "step": self.step, "train_loss": loss_sum / steps, config["select_metric"]: float("nan")}, in_epoch=True)
+                self.report(
+                    {"epoch": self.epoch + 1, "step": self.step, "train_loss": loss_sum / steps, config.select_metric: float("nan")}, in_epoch=True
+                )
         seconds = time.perf_counter() - started
         self.epoch_samples = 0
         return {
@@ -307,8 +317,12 @@ class Run:
     def validate_epoch(self) -> dict:
         started = time.perf_counter()
         batches = parquet_batches(
-            self.config["validation_files"], self.config["columns"], self.config["batch_size"],
-            self.context.get_world_rank(), self.context.get_world_size(), self.device,
+            list(self.config.validation_files),
+            list(self.config.columns),
+            self.config.batch_size,
+            self.context.get_world_rank(),
+            self.context.get_world_size(),
+            self.device,
         )
         probs, labels, val_loss = validate(self.model, batches, self.objective, self.autocast)
         losses = _gather(np.array([val_loss * len(labels) if len(labels) else 0.0]))
@@ -321,7 +335,7 @@ class Run:
         }
 
     def fit(self) -> dict:
-        while self.epoch < self.config["epochs"]:
+        while self.epoch < self.config.epochs:
             trained = self.train_epoch()
             self.epoch += 1
             metrics = {"epoch": self.epoch, "step": self.step, **trained, **self.validate_epoch()}
@@ -332,13 +346,10 @@ class Run:
         return {"epochs": self.history}
 
 
-def train_loop_per_worker(config: dict) -> dict:
+def train_loop_per_worker(config: LoopConfig) -> dict:
     """Train the configured model on this worker's shard of ``train``; validate on ``validation``.
 
-    ``config`` is a plain dict (paths already absolute): seed, feature_map, catalog (ads.parquet
-    or None), model (a Hydra ``_target_`` dict with a ``loss`` section), batch_size, epochs, lr,
-    weight_decay, shuffle_buffer, prefetch_batches, epoch_rows, validation_files, columns, torch_threads, precision, select_metric,
-    checkpoint_every_steps, resume_from, fail_at_step + fault_marker (tests), tensorboard_dir,
-    mlflow (a dict or None), log_every_steps.
+    ``config`` was resolved on the driver (adrec.train.config.LoopConfig: absolute paths, the
+    scaled learning rate, this worker's rows per epoch). Returns ``{"epochs": [metrics, ...]}``.
     """
     return Run(config).fit()

@@ -10,24 +10,25 @@ import math
 import os
 import time
 
+from adrec.train.config import LoopConfig, MlflowOptions
+
 
 class EpochLog:
     """Progress and metric sinks of one worker; every method is a no-op except on rank 0."""
 
-    def __init__(self, config: dict, rank: int) -> None:
+    def __init__(self, config: LoopConfig, rank: int) -> None:
         self.enabled = rank == 0
-        self.log_every = int(config.get("log_every_steps") or 0)
+        self.log_every = config.log_every_steps
         self.tensorboard = None
         self.mlflow = None
         if not self.enabled:
             return
-        if config.get("tensorboard_dir"):
+        if config.tensorboard_dir:
             from tensorboardX import SummaryWriter  # installed with ray[train]
 
-            self.tensorboard = SummaryWriter(config["tensorboard_dir"])
-        mlflow_config = config.get("mlflow") or {}
-        if mlflow_config.get("tracking_uri"):
-            self.mlflow = start_mlflow(mlflow_config, config)
+            self.tensorboard = SummaryWriter(config.tensorboard_dir)
+        if config.mlflow is not None and config.mlflow.tracking_uri:
+            self.mlflow = start_mlflow(config.mlflow, config)
 
     def step(self, epoch: int, step: int, mean_loss: float, seen: int, started: float) -> None:
         if self.enabled and self.log_every and step % self.log_every == 0:
@@ -53,22 +54,18 @@ class EpochLog:
             self.mlflow.end_run()
 
 
-def start_mlflow(mlflow_config: dict, config: dict):
-    """Start an MLflow run with the training parameters; return the mlflow module."""
+def start_mlflow(options: MlflowOptions, config: LoopConfig):
+    """Start an MLflow run (named as the Ray Train run) with the training parameters; return the mlflow module."""
     try:
         import mlflow
     except ImportError:
-        raise RuntimeError(
-            "trainer.mlflow.tracking_uri is set but MLflow is not installed: pip install mlflow-skinny (or mlflow)"
-        ) from None
-    uri = str(mlflow_config["tracking_uri"])
+        raise RuntimeError("trainer.mlflow.tracking_uri is set but MLflow is not installed: pip install mlflow-skinny (or mlflow)") from None
+    uri = options.tracking_uri
     if uri.startswith("file:") or "://" not in uri:
         # MLflow 3 refuses a file store unless told: the user configured one explicitly.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(mlflow_config.get("experiment") or "adrec")
-    mlflow.start_run(run_name=mlflow_config.get("run_name"))
-    params = {k: config[k] for k in ("batch_size", "epochs", "lr", "weight_decay", "precision", "seed") if k in config}
-    params["model"] = str((config.get("model") or {}).get("_target_"))
-    mlflow.log_params(params)
+    mlflow.set_experiment(options.experiment)
+    mlflow.start_run(run_name=config.run_name)
+    mlflow.log_params(config.params())
     return mlflow
