@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from adrec.ads import AdUpdate, UpdateReader
-from adrec.auction import RULES, AuctionResult, Candidate, Marketplace
+from adrec.auction import AuctionResult, Marketplace, Shortlist
 from adrec.data.privacy import pseudonym_key, pseudonymize
 from adrec.eval.calibration import Platt
 from adrec.features import FeatureMap, FeatureSpec
@@ -87,6 +87,17 @@ class FeatureBuilder:
         self.attribute_columns = sorted({f.column for f in self.user_specs})
         self.context_columns = sorted({f.column for f in profile_specs(feature_map, "context")})
         self.history_length = feature_map.spec("history").max_len
+
+    def unknown_fields(self, query: UserQuery) -> list[dict]:
+        """Attribute and context keys this model has no feature for, as error items naming each:
+        a typo would otherwise be encoded as nothing and answered as if it were not there."""
+        known = {"attributes": self.attribute_columns, "context": self.context_columns}
+        return [
+            {"loc": [field, key], "msg": f"unknown {field} field; this model knows {known[field]}", "type": "extra_forbidden"}
+            for field in known
+            for key in getattr(query, field)
+            if key not in known[field]
+        ]
 
     def user_ids(self, queries: list[UserQuery]) -> pa.Array:
         """Request user ids as the model knows them: pseudonymised when the training data was."""
@@ -186,64 +197,6 @@ class Catalog:
             pctr=pctr,
             attributes={name: [values[r] for r in rows.tolist()] for name, values in self.attributes.items()},
         )
-
-
-@dataclass
-class Shortlist:
-    """Ranked ads as columns, best pCTR x bid first: cheap to pass between processes."""
-
-    ad_ids: list[str]
-    campaigns: list[str]
-    bids: np.ndarray  # (N,)
-    pctr: np.ndarray  # (N,)
-    attributes: dict[str, list]
-
-    def __len__(self) -> int:
-        return len(self.ad_ids)
-
-    def candidates(self, start: int, stop: int) -> list[Candidate]:
-        """The auction's view of ranks [start, stop)."""
-        return [
-            Candidate(
-                ad_id=self.ad_ids[i],
-                campaign_id=self.campaigns[i],
-                bid=float(self.bids[i]),
-                pctr=float(self.pctr[i]),
-                attributes={name: values[i] for name, values in self.attributes.items() if values[i] is not None},
-            )
-            for i in range(start, min(stop, len(self)))
-        ]
-
-
-def auction_rounds(shortlist: Shortlist, k: int):
-    """Feed the auction the shortlist in chunks, best first, until ``k`` ads are chosen.
-
-    Most page views fill k from the first few dozen ads, so sending chunks of about 4x the ads
-    still wanted keeps the call to the shared auction small. A generator, so that the same
-    logic drives a local Marketplace and the remote actor: it yields (candidates, ads wanted),
-    is sent each chunk's AuctionResult, and returns the merged result (StopIteration.value).
-    """
-    results: list[AuctionResult] = []
-    start = 0
-    while start < len(shortlist):
-        wanted = k - sum(len(r.ads) for r in results)
-        if wanted <= 0:
-            break
-        stop = start + max(4 * wanted, 40)
-        results.append((yield shortlist.candidates(start, stop), wanted))
-        start = stop
-    removed = {rule: sum(r.removed[rule] for r in results) for rule in RULES}
-    return AuctionResult(ads=[ad for r in results for ad in r.ads], candidates=len(shortlist), removed=removed)
-
-
-def run_rounds(rounds, call) -> AuctionResult:
-    """Drive ``auction_rounds`` with a synchronous ``call(candidates, wanted) -> AuctionResult``."""
-    try:
-        chunk, wanted = next(rounds)
-        while True:
-            chunk, wanted = rounds.send(call(chunk, wanted))
-    except StopIteration as done:
-        return done.value
 
 
 def load_feature_map(model_dir: Path) -> FeatureMap:
@@ -418,7 +371,7 @@ class LocalRecommender:
         ((rows, scores),) = self.retrieval.shortlist(user, max(self.shortlist, k), [cold])
         ranked = self.ranking.shortlist(features, rows, scores)
         key, request = user_key(query.user_id), {**query.attributes, **query.context}
-        return run_rounds(auction_rounds(ranked, k), lambda chunk, wanted: self.marketplace.run(key, request, chunk, wanted)), cold
+        return self.marketplace.run_shortlist(key, request, ranked, k), cold
 
     def upsert_ad(self, update: AdUpdate) -> None:
         self.retrieval.apply([update])

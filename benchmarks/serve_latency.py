@@ -162,7 +162,7 @@ def bare_app(model_dir: str, exact_max_ads: int, nprobe: int):
 
     from adrec.auction import FrequencyCap, Marketplace
     from adrec.recommend import LocalRecommender, UserQuery
-    from serve.app import AppArgs, RecommendedAd, RecommendRequest, RecommendResponse
+    from serve.schemas import AppArgs, RecommendedAd, RecommendRequest, RecommendResponse
 
     torch.set_num_threads(1)
     args = AppArgs(model_dir=model_dir)
@@ -196,7 +196,8 @@ def start_serve(model_dir: Path, port: int, exact_max_ads: int, nprobe: int) -> 
     """Deploy the app with one replica per deployment (two cores); return GET /model."""
     from ray import serve
 
-    from serve.app import AppArgs, build_app
+    from serve.app import build_app
+    from serve.schemas import AppArgs
 
     single = {"min_replicas": 1, "max_replicas": 1}
     args = AppArgs(model_dir=str(model_dir), user_encoder=single, ingress=single, ranker=single,

@@ -2,13 +2,13 @@
 
 import hydra
 
-from adrec.feedback import simulate as stage
 from adrec.runtime import print_result
+from serve import launch
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg) -> None:
-    print_result(stage.run(cfg))
+    print_result(launch.run_simulation(cfg))
 
 
 if __name__ == "__main__":

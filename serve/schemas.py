@@ -7,6 +7,7 @@ Request models are strict: an unknown field ("topk") is a 422 naming it, never i
 from __future__ import annotations
 
 import copy
+import os
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
@@ -18,6 +19,7 @@ from adrec.recommend import profile_specs
 MAX_AD_FIELDS = 256  # attributes per ad at most: more than any model's ad inputs, under the body limit
 
 MAX_FIELDS = 16  # attributes, context entries and targeting keys per request
+MAX_TOKEN_LENGTH = 16_384  # base64 of a signed impression with MAX_FIELDS context entries of the longest ids
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 
@@ -116,6 +118,13 @@ class AppArgs(Strict):
     ad_index: IndexArgs = IndexArgs()
     ranker: Replicas = Replicas()
 
+    def admin_token_value(self) -> str | None:
+        """The admin token: from the args, else the environment (replicas read the shell's), else None (write endpoints off)."""
+        return self.admin_token.get_secret_value() if self.admin_token else os.environ.get(self.admin_token_env) or None
+
+    def feedback_secret_value(self) -> str | None:
+        return self.feedback_secret.get_secret_value() if self.feedback_secret else os.environ.get(self.feedback_secret_env) or None
+
 
 class RecommendRequest(Strict):
     user_id: Id
@@ -166,7 +175,8 @@ class FeedbackEvent(Strict):
     event_id: Id = Field(description="the client's id; a replayed event is stored once")
     event: Literal["impression", "click", "conversion"]
     user_id: Id
-    token: Annotated[str, Field(min_length=1, max_length=2048)] = Field(description="the token of the ad, from the /recommend answer")
+    # A token signs the request's context (up to MAX_FIELDS entries), so it may be long; the body limit still applies.
+    token: Annotated[str, Field(min_length=1, max_length=MAX_TOKEN_LENGTH)] = Field(description="the token of the ad, from the /recommend answer")
     ts: number() | None = Field(None, description="when it happened, seconds since the epoch; default: when received")
 
 

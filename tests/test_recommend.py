@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from adrec.ads import AdUpdate, encode_ad
-from adrec.auction import FrequencyCap, Marketplace
+from adrec.auction import FrequencyCap, Marketplace, Shortlist
 from adrec.inference import embed
-from adrec.recommend import Catalog, LocalRecommender, RankingSide, Shortlist, UserQuery, auction_rounds, run_rounds
+from adrec.recommend import Catalog, LocalRecommender, RankingSide, UserQuery
 from adrec.serving_state import ServingState
 
 
@@ -168,15 +168,16 @@ def test_the_auction_takes_more_of_the_shortlist_until_k_ads_survive():
         pctr=np.linspace(0.9, 0.1, n).astype(np.float32),
         attributes={},
     )
-    market = Marketplace()
-    market.upsert_campaign("tablets-only", targeting={"device": ["tablet"]})
     calls = []
 
-    def call(chunk, wanted):
-        calls.append(len(chunk))
-        return market.run("user", {"device": "mobile"}, chunk, wanted)
+    class CountingMarket(Marketplace):
+        def run(self, user_key, request, candidates, k, now=None):
+            calls.append(len(candidates))
+            return super().run(user_key, request, candidates, k, now)
 
-    result = run_rounds(auction_rounds(shortlist, 5), call)
+    market = CountingMarket()
+    market.upsert_campaign("tablets-only", targeting={"device": ["tablet"]})
+    result = market.run_shortlist("user", {"device": "mobile"}, shortlist, 5)
     assert [ad.ad_id for ad in result.ads] == [f"ad{i}" for i in range(60, 65)]
     assert result.removed["targeting"] == 60 and result.candidates == n
     assert calls == [40, 40]  # the first chunk lost every ad, so a second was sent

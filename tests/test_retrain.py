@@ -114,7 +114,7 @@ def served_feedback(version: str, after_s: float, views: int, seed: int = 0) -> 
     for v in range(views):
         user = f"u{rng.randrange(50)}"
         for ad in rng.sample(range(40), 3):
-            served = Impression(f"req-{v}", user_key(user), f"a{ad}", version, after_s + v, "top", "mobile")
+            served = Impression(f"req-{v}", user_key(user), f"a{ad}", version, after_s + v, {"slot": "top", "device": "mobile"})
             record = {**vars(served), "served_ts": served.ts, "impression_id": served.impression_id, "user_id": user}
             records.append({**record, "event_id": f"{served.impression_id}-imp", "event": "impression", "ts": served.ts})
             if rng.random() < 0.3:

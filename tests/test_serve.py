@@ -26,9 +26,11 @@ from adrec.feedback.tokens import Impression, Signer
 from adrec.features import OOV, FeatureMap
 from adrec.recommend import FeatureBuilder, UserQuery, UserStore, feature_builder, user_key
 from adrec.runtime import wait_until_ok
-from serve.app import AppArgs, Ingress, build_app, shutdown
+from serve.app import build_app, shutdown
+from serve.ingress import Ingress
+from serve.schemas import AppArgs
 from serve.versions import STATE_NAMESPACE
-from tests.conftest import free_port
+from tests.conftest import compose_config, free_port
 
 pytestmark = pytest.mark.slow
 MAX_K = 20
@@ -521,6 +523,19 @@ def test_serve_config_yaml_is_a_valid_app():
         AppArgs(**{**app["args"], "user_encoder": {"max_replica": 3}})
     with pytest.raises(ValueError, match="above max_replicas"):
         AppArgs(**{**app["args"], "user_encoder": {"min_replicas": 3, "max_replicas": 1}})
+
+
+def test_a_misspelled_serve_setting_is_an_error_naming_it(tmp_path):
+    """The Hydra serve group feeds AppArgs; a typo must not start an app with the default instead."""
+    from omegaconf import OmegaConf
+
+    from serve.launch import app_args
+
+    settings = OmegaConf.to_container(compose_config(tmp_path, "+serve.app.max_kk=20", "+serve.app.max_history=5").serve.app, resolve=True)
+    with pytest.raises(ValueError, match=r"serve\.app\.max_kk: Extra inputs are not permitted"):
+        app_args(settings)
+    del settings["max_kk"]
+    assert app_args(settings).max_history == 5  # and a correct one is applied
 
 
 def test_feature_builder_merges_request_and_stored_history(tiny_run):

@@ -10,5 +10,6 @@ from adrec.auction.market import (
     Marketplace,
     Winner,
 )
+from adrec.auction.shortlist import Shortlist
 
-__all__ = ["RULES", "AuctionResult", "Campaign", "Candidate", "FrequencyCap", "Marketplace", "Winner"]
+__all__ = ["RULES", "AuctionResult", "Campaign", "Candidate", "FrequencyCap", "Marketplace", "Shortlist", "Winner"]

@@ -256,6 +256,25 @@ class Marketplace:
         campaign = self.campaigns.get(campaign_id)
         return copy_campaign(campaign) if campaign else None
 
+    def run_shortlist(self, user_key: str, request: Mapping[str, str], shortlist, k: int) -> AuctionResult:
+        """``run`` over a ranked ``adrec.auction.Shortlist``, in chunks best first, until ``k`` ads
+        are chosen: one call per page view, however many chunks it takes.
+
+        Most page views fill k from the first few dozen ads, so building candidates for about 4x
+        the ads still wanted, not for the whole shortlist, keeps each page view's work small.
+        """
+        results: list[AuctionResult] = []
+        start = 0
+        while start < len(shortlist):
+            wanted = k - sum(len(r.ads) for r in results)
+            if wanted <= 0:
+                break
+            stop = start + max(4 * wanted, 40)
+            results.append(self.run(user_key, request, shortlist.candidates(start, stop), wanted))
+            start = stop
+        removed = {rule: sum(r.removed[rule] for r in results) for rule in RULES}
+        return AuctionResult(ads=[ad for r in results for ad in r.ads], candidates=len(shortlist), removed=removed)
+
     def run(self, user_key: str, request: Mapping[str, str], candidates: list[Candidate], k: int, now: float | None = None) -> AuctionResult:
         """Filters ``candidates`` for one page view, shows the top ``k`` by eCPM and records them.
 

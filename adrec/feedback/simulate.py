@@ -1,4 +1,4 @@
-"""A closed-loop simulation: the live Serve app, users with the synthetic generator's hidden truth.
+"""A closed-loop simulation: a live Serve app, users with the synthetic generator's hidden truth.
 
 Each round, ``simulate.views_per_round`` page views (users drawn by their activity, a random
 slot and device) ask the app for ``k`` ads over HTTP; each shown ad is clicked with its true
@@ -11,13 +11,14 @@ by their expected clicks, against three policies on the same page views: random 
 most-clicked ads of the log, and the oracle: the app's own objective (the top k by pCTR x bid)
 with the true probabilities in place of the model's. ``max_ctr`` is the top k by true
 probability alone, the ceiling for CTR that no revenue-ranked policy aims at.
+
+The app is reached only over HTTP, at the URL it is given: jobs/simulate.py starts it on the
+loop's copy of the model registry (``loop_config``) with serve/launch.py, and stops it after.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +32,7 @@ from omegaconf import OmegaConf, open_dict
 
 from adrec.data.synthetic import DEVICES, SLOTS, GeneratorConfig, build_world, click_probability
 from adrec.feedback import retrain
-from adrec.runtime import init_ray_from, resolve, write_json
-
-
-def ad_index(ad_id: str) -> int:
-    return int(ad_id.removeprefix("a"))
+from adrec.runtime import init_ray_from, require, resolve, write_json
 
 
 def policy_scores(truth: np.ndarray, bids: np.ndarray, chosen: np.ndarray) -> tuple[float, float]:
@@ -73,11 +70,16 @@ def truth_matrix(world, generator: GeneratorConfig, users: np.ndarray, slots: np
     return click_probability(world, generator, np.repeat(users, len(ads)), np.tile(ads, len(users)), np.repeat(slots, len(ads))).reshape(len(users), len(ads))
 
 
-def popular_ads(raw_dir: Path, ads: int) -> np.ndarray:
-    """Ad indices by clicks in the log, most first."""
+def ad_rows(world) -> dict[str, int]:
+    """{ad id: the world's row of that ad}: how served ads are looked up in the truth."""
+    return {ad_id: row for row, ad_id in enumerate(world.ads["ad_id"])}
+
+
+def popular_ads(raw_dir: Path, rows: dict[str, int]) -> np.ndarray:
+    """The world's ad rows by clicks in the log, most first (ads the world does not know are left out)."""
     events = pq.read_table(raw_dir / "events", columns=["ad_id", "event"])
     clicked = events.filter(pc.equal(events["event"], "click"))["ad_id"].to_pylist()
-    counts = np.bincount([ad_index(a) for a in clicked if a.startswith("a")], minlength=ads)
+    counts = np.bincount([rows[a] for a in clicked if a in rows], minlength=len(rows))
     return np.argsort(-counts, kind="stable")
 
 
@@ -101,13 +103,13 @@ class App:
             self.http.post(f"{self.url}/feedback", json={"events": events[start : start + 100]}).raise_for_status()
 
 
-def play_round(app: App, world, generator: GeneratorConfig, views: int, k: int, rng: np.random.Generator, round_: int) -> dict:
+def play_round(app: App, world, generator: GeneratorConfig, views: int, k: int, rng: np.random.Generator, round_: int, rows: dict[str, int]) -> dict:
     """Serve ``views`` page views, draw clicks from the truth, post them back; the served ads and clicks."""
     users, slots, devices = draw_views(world, views, rng)
     bodies = [{"user_id": f"u{u}", "k": k, "context": {"slot": SLOTS[s], "device": DEVICES[d]}} for u, s, d in zip(users, slots, devices)]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(app.recommend, bodies))
-    chosen = np.array([[ad_index(ad["ad_id"]) for ad in answer["ads"]] for answer in answers])  # (V, k)
+    chosen = np.array([[rows[ad["ad_id"]] for ad in answer["ads"]] for answer in answers])  # (V, k)
     served_pctr = np.array([[ad["pctr"] for ad in answer["ads"]] for answer in answers])  # (V, k)
     p = click_probability(world, generator, np.repeat(users, k), chosen.ravel(), np.repeat(slots, k)).reshape(views, k)
     clicks = rng.random(p.shape) < p
@@ -171,75 +173,45 @@ def plot(rounds: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def start_app(cfg, admin_token: str) -> str:
-    from ray import serve
-
-    from serve.app import AppArgs, build_app
-
-    serve.start(http_options={"host": cfg.serve.host, "port": int(cfg.serve.port)})
-    args = AppArgs(
-        model_dir=resolve(cfg.paths.models_dir),
-        feedback_dir=resolve(cfg.paths.feedback_dir),
-        feedback_secret=secrets.token_urlsafe(32),
-        admin_token=admin_token,
-        explore=float(cfg.simulate.explore),
-        frequency_cap={"max_impressions": 1_000_000, "window_s": 1},  # the policies compared have no caps
-        deadline_ms=30_000,  # retraining shares the two cores: slow answers, not dropped ones
-        # No CPU reserved: retraining between rounds needs the node's CPUs for its data and
-        # workers, and would wait forever for what idle replicas hold.
-        **{name: {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0} for name in ("ingress", "user_encoder", "ad_index", "ranker")},
-    )
-    serve.run(build_app(args), name="adrec", route_prefix="/", logging_config={"enable_access_log": False})
-    return f"http://{cfg.serve.host}:{cfg.serve.port}"
-
-
-def loop_config(cfg, directory: Path):
-    """``cfg`` moved to ``directory``, with a copy of the log and the model registry: the loop
-    appends feedback to its log and promotes versions, leaving the main run as it was."""
+def loop_config(cfg):
+    """``cfg`` moved to its own run folder, ``<run_dir>/simulation/<stamp>/``, with a copy of the
+    log and the model registry: the loop appends feedback to its log and promotes versions,
+    leaving the main run as it was. A whole config, because between rounds the loop runs the
+    retrain job on that folder as jobs/retrain.py would."""
+    directory = Path(resolve(cfg.run_dir)) / "simulation" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     looped = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(looped):
         looped.run_dir = str(directory)
-        looped.retrain.serve_url = None
     looped = OmegaConf.create(OmegaConf.to_container(looped, resolve=True))
-    shutil.copytree(resolve(cfg.paths.raw_dir), looped.paths.raw_dir)
-    shutil.copytree(resolve(cfg.paths.models_dir), looped.paths.models_dir)
+    for name in ("raw_dir", "models_dir"):
+        shutil.copytree(require(resolve(cfg.paths[name]), "jobs/pipeline.py"), looped.paths[name])
     return looped
 
 
-def run(cfg) -> dict:
-    """Play ``simulate.rounds`` rounds against the live app; write simulate.json and simulate.png under run_dir."""
-    from ray import serve
-
-    from serve.app import shutdown
-
+def run(cfg, app_url: str, report_dir: Path) -> dict:
+    """Play ``simulate.rounds`` rounds against the app at ``app_url``, which serves
+    ``cfg.paths.models_dir`` and logs feedback to ``cfg.paths.feedback_dir`` (``cfg`` from
+    ``loop_config``); retrain between rounds, hot-swapping the app on promotion (the admin token
+    in ``$retrain.admin_token_env``). Writes simulate.json and simulate.png into ``report_dir``."""
     init_ray_from(cfg)
     generator = GeneratorConfig(**OmegaConf.to_container(cfg.data.generator, resolve=True))
     world = build_world(generator)  # the same seed as the log: the users the model learned
-    out = Path(resolve(cfg.run_dir))
-    looped = loop_config(cfg, out / "simulation" / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
-    popular = popular_ads(Path(looped.paths.raw_dir), len(world.ad_weight))
+    rows = ad_rows(world)
+    popular = popular_ads(Path(resolve(cfg.paths.raw_dir)), rows)
     k, rng = int(cfg.simulate.k), np.random.default_rng(int(cfg.seed))
-    admin_token = secrets.token_urlsafe(24)
-    os.environ[cfg.retrain.admin_token_env] = admin_token  # retrain's hot swap reads it
+    app = App(app_url)
     rounds, retrains = [], []
-    app = App(start_app(looped, admin_token))
-    with open_dict(looped):
-        looped.retrain.serve_url = app.url
-    try:
-        for round_ in range(1, int(cfg.simulate.rounds) + 1):
-            started = time.time()
-            played = play_round(app, world, generator, int(cfg.simulate.views_per_round), k, rng, round_)
-            rounds.append(round_report(round_, played, world, generator, popular, k, rng))
-            print(f"== round {round_}: {json.dumps({key: rounds[-1][key] for key in PRINTED})}", flush=True)
-            if round_ < int(cfg.simulate.rounds):
-                report = retrain.run(looped)
-                retrains.append({"round": round_, **{key: report.get(key) for key in ("new_impressions", "decision", "towers", "ranker", "exported", "serve")}})
-            rounds[-1]["seconds"] = round(time.time() - started, 1)
-    finally:
-        shutdown("adrec")
-        serve.shutdown()
+    for round_ in range(1, int(cfg.simulate.rounds) + 1):
+        started = time.time()
+        played = play_round(app, world, generator, int(cfg.simulate.views_per_round), k, rng, round_, rows)
+        rounds.append(round_report(round_, played, world, generator, popular, k, rng))
+        print(f"== round {round_}: {json.dumps({key: rounds[-1][key] for key in PRINTED})}", flush=True)
+        if round_ < int(cfg.simulate.rounds):
+            report = retrain.run(cfg, serve_url=app_url)
+            retrains.append({"round": round_, **{key: report.get(key) for key in ("new_impressions", "decision", "towers", "ranker", "exported", "serve")}})
+        rounds[-1]["seconds"] = round(time.time() - started, 1)
     result = {"rounds": rounds, "retrains": retrains, "final_ctr_over_oracle": rounds[-1]["ctr_over_oracle"],
               "views_per_round": int(cfg.simulate.views_per_round), "k": k, "explore": float(cfg.simulate.explore)}
-    plot(rounds, out / "simulate.png")
-    write_json(out / "simulate.json", result)
+    plot(rounds, Path(report_dir) / "simulate.png")
+    write_json(Path(report_dir) / "simulate.json", result)
     return result
