@@ -22,37 +22,29 @@ from adrec.registry import (
     save_tower,
     write_manifest,
 )
+from adrec.results import EvalReport, ModelVersion, PrepareReport, TrainResult
 from adrec.runtime import read_json, require, resolve, write_json
 
 
-def trained_ranker(cfg, prepared: Path) -> dict | None:
-    """The evaluated DCN ranker of ``cfg.ranker`` as {model, metrics, checkpoint, trained (its
-    result.json)}, or None when none was trained."""
-    if not cfg.get("ranker") or not cfg.ranker.enabled:
-        return None
-    result = Path(resolve(cfg.ranker.train_dir)) / "result.json"
-    if not result.is_file():
-        return None
-    trained = read_json(result)
-    metrics = read_json(require(Path(resolve(cfg.ranker.eval_dir)) / "metrics.json", "jobs/evaluate.py for the ranker"))
-    if metrics.get("checkpoint") != trained["best_checkpoint"]:
-        raise ArtifactError(f"the ranker's metrics in {cfg.ranker.eval_dir} are for another checkpoint: evaluate the ranker again")
-    check_same_features(trained["best_checkpoint"], prepared)
-    model = load_checkpoint(trained["best_checkpoint"])
+def checked_ranker(trained: TrainResult, evaluated: EvalReport, prepared: Path):
+    """The DCN ranker of ``trained``, evaluated by ``evaluated``, on ``prepared``'s features."""
+    evaluated.check_is_for(trained)
+    check_same_features(trained.best_checkpoint, prepared)
+    model = load_checkpoint(trained.best_checkpoint)
     if hasattr(model, "user_tower"):
-        raise ArtifactError(f"{cfg.ranker.train_dir} holds a two-tower model, not a ranker: train it with model=dcn")
-    return {"model": model, "metrics": metrics, "checkpoint": trained["best_checkpoint"], "trained": trained}
+        raise ArtifactError(f"{trained.best_checkpoint} holds a two-tower model, not a ranker: train the ranker with model=dcn")
+    return model
 
 
 SHIP_MODES = ("auto", "always")
 
 
-def ships_ranker(towers_trained: dict, ranker_trained: dict, mode: str) -> tuple[bool, str]:
+def ships_ranker(towers_trained: TrainResult, ranker_trained: TrainResult, mode: str) -> tuple[bool, str]:
     """Whether the ranker's pCTR serves the shortlist, and why. ``auto``: only when its validation
     logloss (the best epoch's, on the same split) beats the towers'; ``always``: whenever trained."""
     if mode not in SHIP_MODES:
         raise ValueError(f"ranker.ship must be one of {SHIP_MODES}, got {mode!r}")
-    ranker, towers = ranker_trained["best"].get("val_logloss"), towers_trained["best"].get("val_logloss")
+    ranker, towers = ranker_trained.best.get("val_logloss"), towers_trained.best.get("val_logloss")
     if mode == "always":
         return True, "ranker.ship=always"
     if ranker is None or towers is None:
@@ -61,42 +53,42 @@ def ships_ranker(towers_trained: dict, ranker_trained: dict, mode: str) -> tuple
     return ranker < towers, f"ranker validation logloss {ranker:.5f} {verdict} the towers' {towers:.5f}"
 
 
-def run(cfg) -> dict:
-    """Write ``models_dir/<version>/`` and point ``models_dir/LATEST`` at it; return its summary."""
-    prepared = Path(resolve(cfg.paths.prepared_dir))
-    trained = read_json(require(Path(resolve(cfg.paths.train_dir)) / "result.json", "jobs/train.py"))
-    metrics = read_json(require(Path(resolve(cfg.paths.eval_dir)) / "metrics.json", "jobs/evaluate.py"))
-    if metrics.get("checkpoint") != trained["best_checkpoint"]:
-        raise ArtifactError(
-            f"the metrics in {cfg.paths.eval_dir} are for {metrics.get('checkpoint')}, not the trained model "
-            f"{trained['best_checkpoint']}: run jobs/evaluate.py again before exporting"
-        )
-    model = load_checkpoint(trained["best_checkpoint"])
+def export(towers: TrainResult, towers_eval: EvalReport, prepared: Path, models_dir: Path, config: dict, *,
+           ranker: tuple[TrainResult, EvalReport] | None = None, ship: str = "always") -> ModelVersion:
+    """Write ``models_dir/<version>/`` from the trained and evaluated towers (and the ranker, when
+    given and ``ship`` says it serves), and point ``models_dir/LATEST`` at it.
+
+    ``config`` is the training config, kept in the manifest as the version's lineage.
+    """
+    try:
+        towers_eval.check_is_for(towers)
+    except ValueError as failure:
+        raise ArtifactError(f"{failure} (run jobs/evaluate.py again before exporting)") from None
+    model = load_checkpoint(towers.best_checkpoint)
     if not hasattr(model, "user_tower"):
         raise ArtifactError(
             "export writes a two-tower model for Serve's retrieval; this checkpoint is a ranker "
             "(model=dcn), which is evaluated offline but not served yet. Train model=two_tower to export."
         )
-    check_same_features(trained["best_checkpoint"], prepared)
+    check_same_features(towers.best_checkpoint, prepared)
+    ranker_model, ranker_choice = None, "no ranker trained"
+    if ranker is not None:
+        candidate = checked_ranker(*ranker, prepared)
+        shipped, ranker_choice = ships_ranker(towers, ranker[0], ship)
+        ranker_model = candidate if shipped else None
 
-    root = Path(resolve(cfg.paths.models_dir))
     version = new_version()
-    staging = root / f".{version}.partial"  # renamed into place only when complete
+    staging = models_dir / f".{version}.partial"  # renamed into place only when complete
     staging.mkdir(parents=True)
     save_tower(model.user_tower, staging, "user_encoder")
     save_tower(model.ad_tower, staging, "ad_encoder")
     catalog = pq.read_table(prepared / "ads.parquet")
     save_file({"embeddings": embed(model.ad_tower, catalog).contiguous()}, staging / "ad_embeddings.safetensors")
-    candidate = trained_ranker(cfg, prepared)
-    ranker, ranker_choice = None, "no ranker trained"
-    if candidate is not None:
-        shipped, ranker_choice = ships_ranker(trained, candidate["trained"], str(cfg.ranker.get("ship", "always")))
-        ranker = candidate if shipped else None
-    if ranker is not None:
-        save_ranker(ranker["model"], staging)
+    if ranker_model is not None:
+        save_ranker(ranker_model, staging)
     for name in ("ads.parquet", "users.parquet", "feature_map.json"):
         shutil.copy2(prepared / name, staging / name)
-    write_json(staging / "metrics.json", metrics)
+    towers_eval.save(staging)
     write_json(
         staging / "model.json",
         {
@@ -105,9 +97,9 @@ def run(cfg) -> dict:
             "logit_bias": model.logit_bias.item(),
             "embedding_dim": model.user_tower.config["output_dim"],
             # pCTR = sigmoid(a * (U . V + logit_bias) + b), fitted on the validation split by evaluation.
-            "calibration": metrics["calibration"],
+            "calibration": towers_eval.calibration,
             # The shortlist's pCTR = sigmoid(a * ranker logit + b) when a ranker ships; null: the towers' pCTR.
-            "ranker": None if ranker is None else {"calibration": ranker["metrics"]["calibration"], "auc": ranker["metrics"].get("auc")},
+            "ranker": None if ranker_model is None else {"calibration": ranker[1].calibration, "auc": ranker[1].get("auc")},
         },
     )
     manifest = write_manifest(
@@ -115,18 +107,40 @@ def run(cfg) -> dict:
         format=MODEL_FORMAT,
         version=version,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=config,
         lineage={
-            "checkpoint": trained["best_checkpoint"],
+            "checkpoint": towers.best_checkpoint,
             # Kept when the ranker does not ship, so retraining can challenge it again.
-            "ranker_checkpoint": None if candidate is None else candidate["checkpoint"],
+            "ranker_checkpoint": None if ranker is None else ranker[0].best_checkpoint,
             "ranker_choice": ranker_choice,
-            "train_run": trained.get("run_path"),
+            "train_run": towers.run_path,
             "prepared_dir": str(prepared),
-            "prepare_report": read_json(prepared / "report.json"),
+            "prepare_report": PrepareReport.load(prepared).to_json(),
         },
     )
-    final = root / version
+    final = models_dir / version
     staging.rename(final)
-    (root / LATEST).write_text(version + "\n")
-    return {"version": version, "model_dir": str(final), "files": manifest["files"], "ranker": ranker is not None, "ranker_choice": ranker_choice}
+    (models_dir / LATEST).write_text(version + "\n")
+    return ModelVersion(version=version, model_dir=str(final), files=manifest["files"], ranker=ranker_model is not None, ranker_choice=ranker_choice)
+
+
+def trained_ranker(cfg) -> tuple[TrainResult, EvalReport] | None:
+    """The trained and evaluated ranker of ``cfg.ranker``'s folders, or None when none was trained."""
+    if not cfg.get("ranker") or not cfg.ranker.enabled or not (Path(resolve(cfg.ranker.train_dir)) / TrainResult.FILE).is_file():
+        return None
+    evaluated = EvalReport.from_json(read_json(require(Path(resolve(cfg.ranker.eval_dir)) / EvalReport.FILE, "jobs/evaluate.py for the ranker")))
+    return TrainResult.load(resolve(cfg.ranker.train_dir)), evaluated
+
+
+def run(cfg) -> dict:
+    """jobs/export.py: the towers of ``paths.train_dir`` / ``paths.eval_dir`` (and the ranker of ``ranker.*``) into ``paths.models_dir``."""
+    version = export(
+        TrainResult.load(resolve(cfg.paths.train_dir)),
+        EvalReport.load(resolve(cfg.paths.eval_dir)),
+        Path(resolve(cfg.paths.prepared_dir)),
+        Path(resolve(cfg.paths.models_dir)),
+        OmegaConf.to_container(cfg, resolve=True),
+        ranker=trained_ranker(cfg),
+        ship=str(cfg.ranker.get("ship", "always")),
+    )
+    return version.to_json()

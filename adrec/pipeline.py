@@ -1,16 +1,22 @@
-"""The main job's stages in order: generate -> prepare -> train -> evaluate -> ranker -> export (-> Serve demo)."""
+"""The main job's stages in order: generate -> prepare -> train -> evaluate -> ranker -> export (-> Serve demo).
+
+Each stage is a plain call on the previous stages' typed results (adrec.results); only this
+adapter reads the config.
+"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from adrec import export
 from adrec.data import prepare, synthetic
 from adrec.eval import evaluate
-from adrec.runtime import init_ray_from
+from adrec.runtime import init_ray_from, resolve
 from adrec.train import driver
+from adrec.train.config import TrainerOptions
 
 TABLE_KEYS = (
     "auc", "gauc", "oracle_auc", "popularity_auc", "auc_over_oracle", "logloss", "oracle_logloss",
@@ -26,40 +32,73 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in rows)
 
 
-def ranker_config(cfg):
-    """``cfg`` with the ranker's model and its own train and eval directories, to train and evaluate it."""
-    ranker = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    with open_dict(ranker):
-        ranker.model = cfg.ranker.model
-        ranker.paths.train_dir = cfg.ranker.train_dir
-        ranker.paths.eval_dir = cfg.ranker.eval_dir
-    return ranker
+def trainer_options(cfg, train_dir: str) -> TrainerOptions:
+    """``cfg.trainer`` for a model trained into ``train_dir``: its ``${paths.train_dir}`` settings
+    (Ray Train's storage, TensorBoard) follow that folder."""
+    section = OmegaConf.merge({"paths": cfg.paths, "trainer": cfg.trainer}, {"paths": {"train_dir": train_dir}})
+    return TrainerOptions.from_config(OmegaConf.to_container(section.trainer, resolve=True))
+
+
+def evaluate_options(cfg) -> dict:
+    """The evaluate stage's keyword arguments from ``cfg.evaluate`` and the dataset's protocol."""
+    return {
+        "ks": list(cfg.evaluate.ks),
+        "max_retrieval_queries": int(cfg.evaluate.max_retrieval_queries),
+        "protocol": (cfg.data.get("evaluation") or {}).get("protocol", "impression"),
+    }
+
+
+class Stages:
+    """Each stage's result (JSON, for the job's output) and the seconds it took."""
+
+    def __init__(self) -> None:
+        self.results: dict = {}
+        self.seconds: dict = {}
+
+    def run(self, name: str, stage, *args, **kwargs):
+        print(f"== {name}", flush=True)
+        started = time.time()
+        result = stage(*args, **kwargs)
+        self.seconds[name] = round(time.time() - started, 1)
+        self.results[name] = result.to_json() if hasattr(result, "to_json") else result
+        return result
+
+
+def from_logs(cfg, stages: Stages | None = None) -> dict:
+    """prepare -> train -> evaluate (-> the DCN ranker) -> export on ``cfg.data``'s logs."""
+    stages = stages or Stages()
+    prepared, seed = Path(resolve(cfg.paths.prepared_dir)), int(cfg.seed)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    stages.run("prepare", prepare.prepare, OmegaConf.to_container(cfg.data, resolve=True), prepared, seed)
+    towers = stages.run("train", driver.train, prepared, Path(resolve(cfg.paths.train_dir)), model,
+                        trainer_options(cfg, cfg.paths.train_dir), seed)
+    towers_eval = stages.run("evaluate", evaluate.evaluate, towers, prepared, Path(resolve(cfg.paths.eval_dir)), **evaluate_options(cfg))
+    if not str(cfg.model._target_).endswith("build_two_tower"):
+        return stages.results  # only the two-tower model is served (export says why)
+    ranker = None
+    if cfg.ranker.enabled:  # Serve re-ranks the towers' shortlist with the DCN ranker, trained on the same examples
+        ranker_model = OmegaConf.to_container(cfg.ranker.model, resolve=True)
+        trained = stages.run("train_ranker", driver.train, prepared, Path(resolve(cfg.ranker.train_dir)), ranker_model,
+                             trainer_options(cfg, cfg.ranker.train_dir), seed)
+        ranker = trained, stages.run("evaluate_ranker", evaluate.evaluate, trained, prepared, Path(resolve(cfg.ranker.eval_dir)),
+                                     **evaluate_options(cfg))
+    stages.run("export", export.export, towers, towers_eval, prepared, Path(resolve(cfg.paths.models_dir)),
+               OmegaConf.to_container(cfg, resolve=True), ranker=ranker, ship=str(cfg.ranker.ship))
+    return stages.results
 
 
 def run(cfg) -> dict:
     """Run every stage on ``cfg``; return each stage's result and the seconds it took."""
     init_ray_from(cfg)
-    stages = {"prepare": prepare.run, "train": driver.run, "evaluate": evaluate.run, "export": export.run}
+    stages = Stages()
     if cfg.data.name == "synthetic":
-        stages = {"generate": synthetic.run, **stages}
-    if not str(cfg.model._target_).endswith("build_two_tower"):
-        del stages["export"]  # only the two-tower model is served (export says why)
-    elif cfg.ranker.enabled:
-        # Serve re-ranks the towers' shortlist with the DCN ranker, trained on the same examples.
-        ranked = ranker_config(cfg)
-        stages = {**{k: v for k, v in stages.items() if k != "export"}, "train_ranker": lambda _: driver.run(ranked),
-                  "evaluate_ranker": lambda _: evaluate.run(ranked), "export": export.run}
-    results, seconds = {}, {}
-    for name, stage in stages.items():
-        started = time.time()
-        print(f"== {name}", flush=True)
-        results[name] = stage(cfg)
-        seconds[name] = round(time.time() - started, 1)
-    results["seconds"] = seconds
+        stages.run("generate", synthetic.run, cfg)
+    results = from_logs(cfg, stages)
+    results["seconds"] = stages.seconds
     print("\n== metrics (test split)\n" + metrics_table(results["evaluate"]), flush=True)
     if "evaluate_ranker" in results:
         print("\n== the DCN ranker's metrics (test split)\n" + metrics_table(results["evaluate_ranker"]), flush=True)
     if "export" in results:
         print(f"\n== exported {results['export']['model_dir']}", flush=True)
-    print(f"== seconds per stage {seconds}", flush=True)
+    print(f"== seconds per stage {stages.seconds}", flush=True)
     return results

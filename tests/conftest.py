@@ -81,19 +81,12 @@ def add_bad_events(events_dir: Path) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_run(ray_session, tmp_path_factory):
-    """generate -> (bad rows added) -> prepare -> train -> evaluate -> (the DCN ranker) -> export, each stage's run(cfg)."""
-    from adrec import export
-    from adrec.data import prepare, synthetic
-    from adrec.eval import evaluate
-    from adrec.pipeline import ranker_config
-    from adrec.train import driver
+    """generate -> (bad rows added) -> prepare -> train -> evaluate -> (the DCN ranker) -> export, as the main job runs them."""
+    from adrec import pipeline
+    from adrec.data import synthetic
 
     cfg = compose_config(tmp_path_factory.mktemp("run"))
-    ranker = ranker_config(cfg)
     results = {"cfg": cfg, "generate": synthetic.run(cfg)}
     add_bad_events(Path(cfg.paths.raw_dir) / "events")
-    stages = [("prepare", prepare.run), ("train", driver.run), ("evaluate", evaluate.run),
-              ("train_ranker", lambda _: driver.run(ranker)), ("evaluate_ranker", lambda _: evaluate.run(ranker)), ("export", export.run)]
-    for name, stage in stages:
-        results[name] = stage(cfg)
+    results.update(pipeline.from_logs(cfg))
     return results

@@ -16,7 +16,6 @@ generator's true click probability).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 import torch
+from omegaconf import OmegaConf
 
 from adrec.eval.calibration import Platt, sigmoid
 from adrec.eval.metrics import (
@@ -40,9 +40,11 @@ from adrec.eval.plots import save_plots
 from adrec.features import OOV, FeatureMap, add_history_attributes
 from adrec.inference import catalog_lookups, embed, to_features
 from adrec.registry import FEATURE_MAP, check_same_features, load_checkpoint
-from adrec.runtime import init_ray_from, read_json, require, resolve, write_json
+from adrec.results import EvalReport, TrainResult, finite_or_none
+from adrec.runtime import init_ray_from, resolve
 
 CURVE_KS = (1, 2, 5, 10, 20, 50, 100)
+PROTOCOLS = ("impression", "user")
 
 
 def ad_click_counts(train: ray.data.Dataset, catalog_ids: pa.Array) -> np.ndarray:
@@ -207,48 +209,61 @@ def fit_calibration(model, prepared: Path, catalog_ids: pa.Array) -> Platt:
     return Platt.fit(scored["logit"], scored["label"])
 
 
-def run(cfg) -> dict:
-    """Evaluate the best checkpoint on the test split; write ``metrics.json``, ``calibration.json`` and plots."""
-    init_ray_from(cfg)
-    prepared = Path(resolve(cfg.paths.prepared_dir))
-    eval_dir = Path(resolve(cfg.paths.eval_dir))
-    trained = read_json(require(Path(resolve(cfg.paths.train_dir)) / "result.json", "jobs/train.py"))
-    model = load_checkpoint(trained["best_checkpoint"])
-    check_same_features(trained["best_checkpoint"], prepared)
-    feature_map = FeatureMap.load(Path(trained["best_checkpoint"]) / FEATURE_MAP)
+def evaluate(trained: TrainResult, prepared: Path, eval_dir: Path, *, ks: list[int], max_retrieval_queries: int,
+             protocol: str = "impression", calibration: dict | None = None) -> EvalReport:
+    """Evaluate ``trained``'s best checkpoint on ``prepared``'s test split; write ``metrics.json``,
+    ``calibration.json`` and plots into ``eval_dir``.
+
+    ``calibration`` {a, b}: score with this fixed Platt calibration (a model scored as it serves
+    keeps its own) instead of fitting one on the validation split. ``protocol``: see the module docstring.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"data.evaluation.protocol={protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    checkpoint = trained.best_checkpoint
+    model = load_checkpoint(checkpoint)
+    check_same_features(checkpoint, prepared)
+    feature_map = FeatureMap.load(Path(checkpoint) / FEATURE_MAP)
     has_catalog = (prepared / "ads.parquet").exists()
     catalog = pq.read_table(prepared / "ads.parquet") if has_catalog else pa.table({"raw_ad_id": pa.array([], pa.string())})
     catalog_ids = catalog["raw_ad_id"].combine_chunks()
 
-    fixed = cfg.evaluate.get("calibration")  # a model scored as it serves keeps its own calibration
-    calibration = Platt(float(fixed.a), float(fixed.b)) if fixed else fit_calibration(model, prepared, catalog_ids)
+    platt = Platt(float(calibration["a"]), float(calibration["b"])) if calibration else fit_calibration(model, prepared, catalog_ids)
     eval_dir.mkdir(parents=True, exist_ok=True)
-    calibration.save(eval_dir / "calibration.json")
+    platt.save(eval_dir / "calibration.json")
     scored = score_split(model, ray.data.read_parquet(str(prepared / "test")), catalog_ids)
     has_ads = "raw_ad_id" in ray.data.read_parquet(str(prepared / "train")).schema().names
     popularity = ad_click_counts(ray.data.read_parquet(str(prepared / "train")), catalog_ids) if has_ads else np.zeros(0)
-    ks, limit = list(cfg.evaluate.ks), int(cfg.evaluate.max_retrieval_queries)
-    protocol = (cfg.data.get("evaluation") or {}).get("protocol", "impression")
     retrieval = {}
     if hasattr(model, "user_tower") and has_catalog:  # a ranker scores given ads; it does not retrieve
         ad_matrix = embed(model.ad_tower, catalog).numpy()  # (A, D)
         if protocol == "user":
-            retrieval = user_retrieval(model, feature_map, prepared, catalog, ad_matrix, popularity, ks, limit)
-        elif protocol == "impression":
-            retrieval = impression_retrieval(scored, ad_matrix, popularity, sorted(set(ks) | set(CURVE_KS)), limit)
+            retrieval = user_retrieval(model, feature_map, prepared, catalog, ad_matrix, popularity, ks, max_retrieval_queries)
         else:
-            raise ValueError(f"data.evaluation.protocol={protocol!r} is not one of impression, user")
-    metrics = {
-        **ranking_report(scored, calibration, popularity),
+            retrieval = impression_retrieval(scored, ad_matrix, popularity, sorted(set(ks) | set(CURVE_KS)), max_retrieval_queries)
+    metrics = finite_or_none({
+        **ranking_report(scored, platt, popularity),
         **retrieval,
         "retrieval_protocol": protocol if retrieval else None,
-        "calibration": {"method": "platt", "a": calibration.a, "b": calibration.b},
         "test_examples": int(len(scored["label"])),
         "test_clicks": int((scored["label"] > 0.5).sum()),
         "num_ads": int(len(catalog_ids)),
-        "checkpoint": trained["best_checkpoint"],
-    }
-    metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-    metrics["plots"] = save_plots(eval_dir, trained["epochs"], metrics, scored["label"], calibration(scored["logit"]), CURVE_KS)
-    write_json(eval_dir / "metrics.json", metrics)
-    return metrics
+    })
+    report = EvalReport(checkpoint=checkpoint, calibration={"method": "platt", "a": platt.a, "b": platt.b}, metrics=metrics)
+    report.plots = save_plots(eval_dir, trained.epochs, report.to_json(), scored["label"], platt(scored["logit"]), CURVE_KS)
+    report.save(eval_dir)
+    return report
+
+
+def run(cfg) -> dict:
+    """jobs/evaluate.py: the checkpoint of ``paths.train_dir``'s result.json on ``paths.prepared_dir``."""
+    init_ray_from(cfg)
+    report = evaluate(
+        TrainResult.load(resolve(cfg.paths.train_dir)),
+        Path(resolve(cfg.paths.prepared_dir)),
+        Path(resolve(cfg.paths.eval_dir)),
+        ks=list(cfg.evaluate.ks),
+        max_retrieval_queries=int(cfg.evaluate.max_retrieval_queries),
+        protocol=(cfg.data.get("evaluation") or {}).get("protocol", "impression"),
+        calibration=OmegaConf.to_container(cfg.evaluate.calibration) if cfg.evaluate.get("calibration") else None,
+    )
+    return report.to_json()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from adrec import export
 from adrec.data import prepare
@@ -36,25 +37,47 @@ from adrec.eval import evaluate
 from adrec.features import OOV, FeatureMap
 from adrec.feedback import compact
 from adrec.models import build_model
+from adrec.pipeline import evaluate_options, trainer_options
 from adrec.registry import FEATURE_MAP, load_grown, load_training_state, resolve_model_dir, save_checkpoint, verify_manifest
+from adrec.results import EvalReport, TrainResult
 from adrec.runtime import init_ray_from, resolve, write_json
 from adrec.train import driver
+from adrec.train.config import TrainerOptions
 
 
-def stage_config(cfg, work: Path, model: dict, name: str, calibration: dict | None = None, **trainer):
-    """``cfg`` with one model, its own directories under ``work``, trainer overrides and, for a
-    model scored as it serves, its fixed calibration."""
-    staged = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    with open_dict(staged):
-        staged.model = model
-        staged.paths.prepared_dir = str(work / "prepared")
-        staged.paths.train_dir = str(work / name / "train")
-        staged.paths.eval_dir = str(work / name / "eval")
-        staged.ranker.enabled = False
-        staged.evaluate.calibration = calibration
-        for key, value in trainer.items():
-            staged.trainer[key] = value
-    return staged
+@dataclass(frozen=True)
+class RetrainOptions:
+    """The ``retrain`` config group (conf/config.yaml documents each key)."""
+
+    champion: str | None
+    epochs: int
+    ranker_ship: str
+    split: dict
+    replay: float
+    min_new_impressions: int
+    metric: str
+    margin: float
+    serve_url: str | None
+    admin_token_env: str
+
+    @classmethod
+    def from_config(cls, section: dict) -> "RetrainOptions":
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(section) - set(names))
+        missing = sorted(set(names) - set(section))
+        if unknown or missing:
+            raise ValueError(f"retrain: unknown {unknown}, missing {missing}; the options are {names}")
+        return cls(**section)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What every retraining stage reads: the log's data config, the trainer, evaluation's options."""
+
+    data: dict
+    trainer: TrainerOptions
+    evaluate: dict
+    seed: int
 
 
 def data_end_ms(manifest: dict) -> int:
@@ -103,18 +126,15 @@ def champion_as_served(checkpoint: str, model_config: dict, grown_map: Path, out
     return str(out)
 
 
-def evaluate_checkpoint(cfg, checkpoint: str) -> dict:
-    """Metrics of ``checkpoint`` on ``cfg``'s prepared test split (through evaluate.run)."""
-    write_json(Path(cfg.paths.train_dir) / "result.json", {"best_checkpoint": checkpoint, "epochs": []})
-    return evaluate.run(cfg)
-
-
-def challenge(cfg, work: Path, model: dict, champion_checkpoint: str, name: str, calibration: dict | None) -> dict:
+def challenge(inputs: Inputs, prepared: Path, work: Path, model: dict, champion_checkpoint: str, name: str, calibration: dict | None,
+              epochs: int) -> dict:
     """Train a challenger warm-started from the champion, and score both on the fresh holdout."""
-    trained = driver.run(stage_config(cfg, work, model, name, resume_from=champion_checkpoint, epochs=int(cfg.retrain.epochs)))
-    challenger = evaluate.run(stage_config(cfg, work, model, name))
-    served = champion_as_served(champion_checkpoint, model, work / "prepared" / FEATURE_MAP, work / f"{name}_champion" / "checkpoint")
-    champion = evaluate_checkpoint(stage_config(cfg, work, model, f"{name}_champion", calibration), served)
+    trainer = replace(inputs.trainer, resume_from=champion_checkpoint, epochs=epochs, storage_path=str(work / name / "train"))
+    trained = driver.train(prepared, work / name / "train", model, trainer, inputs.seed)
+    challenger = evaluate.evaluate(trained, prepared, work / name / "eval", **inputs.evaluate)
+    served = champion_as_served(champion_checkpoint, model, prepared / FEATURE_MAP, work / f"{name}_champion" / "checkpoint")
+    champion = evaluate.evaluate(TrainResult.of_checkpoint(served), prepared, work / f"{name}_champion" / "eval", calibration=calibration,
+                                 **inputs.evaluate)
     return {"challenger": challenger, "champion": champion, "trained": trained}
 
 
@@ -128,57 +148,62 @@ def hot_swap(url: str, token_env: str, version: str) -> dict:
     return {"reloaded": answer.status_code == 200, "status": answer.status_code, "answer": answer.json()}
 
 
-def run(cfg) -> dict:
-    """Retrain from the serving version on the events new to it; promote if better; return the report."""
+def run(cfg, serve_url: str | None = None) -> dict:
+    """jobs/retrain.py: compact the feedback into the log, then retrain from the serving version;
+    ``serve_url`` (else ``retrain.serve_url``): the live app that a promotion hot-swaps."""
     init_ray_from(cfg)
-    champion_dir = resolve_model_dir(resolve(cfg.retrain.champion or cfg.paths.models_dir))
-    manifest = verify_manifest(champion_dir)
-    trained_with = manifest["config"]
+    options = RetrainOptions.from_config(OmegaConf.to_container(cfg.retrain, resolve=True))
+    options = replace(options, serve_url=serve_url or options.serve_url)
+    compaction = compact.run(cfg)
+    inputs = Inputs(OmegaConf.to_container(cfg.data, resolve=True), trainer_options(cfg, cfg.paths.train_dir), evaluate_options(cfg), int(cfg.seed))
+    champion_dir = resolve_model_dir(resolve(options.champion or cfg.paths.models_dir))
     work = Path(resolve(cfg.run_dir)) / "retrain" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    report = {"champion": manifest["version"], "work_dir": str(work), "compaction": compact.run(cfg)}
-    seen_until = data_end_ms(manifest)
-    new_times = new_impression_times(Path(resolve(cfg.paths.raw_dir)) / "events", seen_until)
-    report["new_impressions"] = len(new_times)
-    least = int(cfg.retrain.min_new_impressions)
-    if len(new_times) < least:
-        report["decision"] = {"promote": False, "reason": f"{len(new_times)} impressions are new to the champion; retrain.min_new_impressions is {least}"}
-        write_json(work / "report.json", report)
-        return report
-
-    r = cfg.retrain
-    prepared = fresh_config(cfg, work, champion_dir, new_times, seen_until)
-    report["prepare"] = {k: v for k, v in prepare.run(prepared).items() if k in ("splits", "split", "vocabulary_sizes")}
-
-    models = {"towers": challenge(prepared, work, trained_with["model"], manifest["lineage"]["checkpoint"], "towers",
-                                  served_calibration(champion_dir, ranker=False))}
-    if manifest["lineage"].get("ranker_checkpoint"):  # trained with the champion, shipped or not
-        models["ranker"] = challenge(prepared, work, trained_with["ranker"]["model"], manifest["lineage"]["ranker_checkpoint"], "ranker",
-                                     served_calibration(champion_dir, ranker=True))
-    for name, scored in models.items():
-        report[name] = {side: pick(scored[side]) for side in ("challenger", "champion")}
-    champion_serves, challenger_serves, report["ranker_choice"] = served_models(champion_dir, models, str(r.ranker_ship))
-    report["decision"] = {
-        **decide(models[challenger_serves]["challenger"], models[champion_serves]["champion"], str(r.metric), float(r.margin)),
-        "challenger_serves": challenger_serves,
-        "champion_serves": champion_serves,
-    }
-    if report["decision"]["promote"]:
-        report["exported"] = promote(prepared, work, with_ranker="ranker" in models)
-        if r.serve_url:
-            report["serve"] = hot_swap(r.serve_url, r.admin_token_env, report["exported"]["version"])
+    report = retrain(champion_dir, Path(resolve(cfg.paths.raw_dir)) / "events", work, Path(resolve(cfg.paths.models_dir)), inputs, options,
+                     OmegaConf.to_container(cfg, resolve=True))
+    report["compaction"] = compaction
     write_json(work / "report.json", report)
     return report
 
 
-def fresh_config(cfg, work: Path, champion_dir: Path, new_times: np.ndarray, seen_until: int):
-    """``cfg`` preparing into ``work``: vocabularies grown from the champion's, the fresh split."""
-    prepared = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    r = cfg.retrain
-    with open_dict(prepared):
-        prepared.paths.prepared_dir = str(work / "prepared")
-        prepared.data.prepare.base_feature_map = str(champion_dir / FEATURE_MAP)
-        prepared.data.prepare.split.update(fresh_split(new_times, seen_until, float(r.split.train), float(r.split.validation), float(r.replay)))
-    return prepared
+def retrain(champion_dir: Path, events_dir: Path, work: Path, models_dir: Path, inputs: Inputs, options: RetrainOptions, config: dict) -> dict:
+    """Retrain from ``champion_dir`` on the impressions of ``events_dir`` new to it, in ``work``;
+    promote into ``models_dir`` if better (``config``: the job's, recorded in the new version's
+    manifest); return the report."""
+    manifest = verify_manifest(champion_dir)
+    trained_with = manifest["config"]
+    report = {"champion": manifest["version"], "work_dir": str(work)}
+    seen_until = data_end_ms(manifest)
+    new_times = new_impression_times(events_dir, seen_until)
+    report["new_impressions"] = len(new_times)
+    if len(new_times) < options.min_new_impressions:
+        report["decision"] = {"promote": False, "reason": f"{len(new_times)} impressions are new to the champion; "
+                                                          f"retrain.min_new_impressions is {options.min_new_impressions}"}
+        return report
+
+    prepared = work / "prepared"
+    split = fresh_split(new_times, seen_until, float(options.split["train"]), float(options.split["validation"]), options.replay)
+    prepared_report = prepare.prepare(inputs.data, prepared, inputs.seed, grow_from=champion_dir / FEATURE_MAP, split=split)
+    report["prepare"] = {k: v for k, v in prepared_report.to_json().items() if k in ("splits", "split", "vocabulary_sizes")}
+
+    lineage = manifest["lineage"]
+    models = {"towers": challenge(inputs, prepared, work, trained_with["model"], lineage["checkpoint"], "towers",
+                                  served_calibration(champion_dir, ranker=False), options.epochs)}
+    if lineage.get("ranker_checkpoint"):  # trained with the champion, shipped or not
+        models["ranker"] = challenge(inputs, prepared, work, trained_with["ranker"]["model"], lineage["ranker_checkpoint"], "ranker",
+                                     served_calibration(champion_dir, ranker=True), options.epochs)
+    for name, scored in models.items():
+        report[name] = {side: pick(scored[side]) for side in ("challenger", "champion")}
+    champion_serves, challenger_serves, report["ranker_choice"] = served_models(champion_dir, models, options.ranker_ship)
+    report["decision"] = {
+        **decide(models[challenger_serves]["challenger"], models[champion_serves]["champion"], options.metric, options.margin),
+        "challenger_serves": challenger_serves,
+        "champion_serves": champion_serves,
+    }
+    if report["decision"]["promote"]:
+        report["exported"] = promote(models, prepared, models_dir, trained_with, config, options.ranker_ship)
+        if options.serve_url:
+            report["serve"] = hot_swap(options.serve_url, options.admin_token_env, report["exported"]["version"])
+    return report
 
 
 def served_models(champion_dir: Path, models: dict, ranker_ship: str) -> tuple[str, str, str | None]:
@@ -207,20 +232,15 @@ def decide(challenger: dict, champion: dict, metric: str, margin: float) -> dict
     return {"metric": metric, "gain": gain, "margin": margin, "promote": gain is not None and gain > margin}
 
 
-def pick(metrics: dict) -> dict:
+def pick(metrics: EvalReport) -> dict:
     return {k: metrics.get(k) for k in ("auc", "gauc", "logloss", "ece", "recall@10", "test_examples")}
 
 
-def promote(cfg, work: Path, with_ranker: bool) -> dict:
+def promote(models: dict, prepared: Path, models_dir: Path, trained_with: dict, config: dict, ranker_ship: str) -> dict:
     """Export the challenger (towers, and the ranker when retrained: export decides whether it
-    ships) as the registry's new LATEST."""
-    exported = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    with open_dict(exported):
-        exported.paths.train_dir = str(work / "towers" / "train")
-        exported.paths.eval_dir = str(work / "towers" / "eval")
-        exported.ranker.enabled = with_ranker
-        exported.ranker.ship = cfg.retrain.ranker_ship
-        exported.ranker.train_dir = str(work / "ranker" / "train")
-        exported.ranker.eval_dir = str(work / "ranker" / "eval")
-    result = export.run(exported)
-    return {key: result[key] for key in ("version", "model_dir", "ranker", "ranker_choice")}
+    ships) as the registry's new LATEST; its manifest records the models it was trained as."""
+    ranker = (models["ranker"]["trained"], models["ranker"]["challenger"]) if "ranker" in models else None
+    config = {**config, "model": trained_with["model"], "ranker": {**config.get("ranker", {}), "model": (trained_with.get("ranker") or {}).get("model")}}
+    towers = models["towers"]
+    version = export.export(towers["trained"], towers["challenger"], prepared, models_dir, config, ranker=ranker, ship=ranker_ship)
+    return {key: version.to_json()[key] for key in ("version", "model_dir", "ranker", "ranker_choice")}

@@ -11,27 +11,28 @@ lists every candidate's best validation metrics and the winner, and the winner's
 
 from __future__ import annotations
 
-import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from adrec.models.components import target_of
 from adrec.models.sequence import ENCODERS
-from adrec.runtime import read_json, resolve, write_json
+from adrec.pipeline import trainer_options
+from adrec.results import Selection, TrainResult
+from adrec.runtime import init_ray_from, resolve
 from adrec.train import driver
+from adrec.train.config import TrainerOptions
 
 
-def candidate_config(cfg, encoder: str):
-    """``cfg`` with the user encoder of kind ``encoder`` (its class's defaults, as ``model/user_encoder=<encoder>``
-    gives) and its own train folder."""
+def candidate_model(model: dict, encoder: str) -> dict:
+    """``model`` with the user encoder of kind ``encoder`` and its class's defaults (what
+    ``model/user_encoder=<encoder>`` composes: a test keeps the two equal)."""
     if encoder not in ENCODERS:
         raise ValueError(f"select.encoders names {encoder!r}; the user encoders are {sorted(ENCODERS)}")
-    candidate = copy.deepcopy(cfg)
-    OmegaConf.update(candidate, "model.user_encoder", {"_target_": target_of(ENCODERS[encoder])}, merge=False)
-    OmegaConf.update(candidate, "paths.train_dir", str(Path(resolve(cfg.paths.train_dir)) / "select" / encoder))
-    return candidate
+    options = {k: v for k, v in ENCODERS[encoder]().describe().items() if k != "kind"}
+    return {**model, "user_encoder": {"_target_": target_of(ENCODERS[encoder]), **options}}
 
 
 def better(score: float, best: float | None, mode: str) -> bool:
@@ -40,21 +41,30 @@ def better(score: float, best: float | None, mode: str) -> bool:
     return best is None or (score > best if mode == "max" else score < best)
 
 
-def run(cfg) -> dict:
-    """Train every encoder in ``cfg.select.encoders``; return and write ``selection.json``."""
-    metric, mode = str(cfg.trainer.select_metric), str(cfg.trainer.select_mode)
-    candidates, winner, best = {}, None, None
-    for encoder in cfg.select.encoders:
-        result = driver.run(candidate_config(cfg, encoder))
-        score = result["best"].get(metric)
-        candidates[encoder] = {"validation": {k: v for k, v in result["best"].items() if k.startswith("val_")}, "checkpoint": result["best_checkpoint"]}
-        if better(score, best, mode):
-            winner, best = encoder, score
+def select(prepared: Path, train_dir: Path, model: dict, encoders: list[str], trainer: TrainerOptions, seed: int) -> tuple[Selection, TrainResult]:
+    """Train ``model`` once per user encoder in ``encoders``, each into ``train_dir/select/<encoder>/``;
+    write ``selection.json`` and the winner's ``result.json`` into ``train_dir``; return both."""
+    metric, mode = trainer.select_metric, trainer.select_mode
+    candidates, results, winner, best = {}, {}, None, None
+    for encoder in encoders:
+        folder = train_dir / "select" / encoder
+        result = driver.train(prepared, folder, candidate_model(model, encoder), replace(trainer, storage_path=str(folder)), seed)
+        results[encoder] = result
+        candidates[encoder] = {"validation": {k: v for k, v in result.best.items() if k.startswith("val_")}, "checkpoint": result.best_checkpoint}
+        if better(result.best.get(metric), best, mode):
+            winner, best = encoder, result.best.get(metric)
     if winner is None:
-        raise ValueError(f"no candidate reported a usable {metric}; see {cfg.paths.train_dir}/select/")
-    train_dir = Path(resolve(cfg.paths.train_dir))
-    selection = {"metric": metric, "mode": mode, "winner": winner, "candidates": candidates}
-    write_json(train_dir / "selection.json", selection)
-    winning = read_json(train_dir / "select" / winner / "result.json")
-    write_json(train_dir / "result.json", {**winning, "selected_encoder": winner})
-    return selection
+        raise ValueError(f"no candidate reported a usable {metric}; see {train_dir}/select/")
+    selection = Selection(metric=metric, mode=mode, winner=winner, candidates=candidates)
+    selection.save(train_dir)
+    chosen = replace(results[winner], selected_encoder=winner)
+    chosen.save(train_dir)  # what jobs/evaluate.py and jobs/export.py read
+    return selection, chosen
+
+
+def run(cfg) -> dict:
+    """jobs/select_model.py: every encoder of ``cfg.select.encoders`` on ``paths.prepared_dir``."""
+    init_ray_from(cfg)
+    selection, _ = select(Path(resolve(cfg.paths.prepared_dir)), Path(resolve(cfg.paths.train_dir)), OmegaConf.to_container(cfg.model, resolve=True),
+                          list(cfg.select.encoders), trainer_options(cfg, cfg.paths.train_dir), int(cfg.seed))
+    return selection.to_json()
