@@ -53,8 +53,16 @@ def ships_ranker(towers_trained: TrainResult, ranker_trained: TrainResult, mode:
     return ranker < towers, f"ranker validation logloss {ranker:.5f} {verdict} the towers' {towers:.5f}"
 
 
-def export(towers: TrainResult, towers_eval: EvalReport, prepared: Path, models_dir: Path, config: dict, *,
-           ranker: tuple[TrainResult, EvalReport] | None = None, ship: str = "always") -> ModelVersion:
+def export(
+    towers: TrainResult,
+    towers_eval: EvalReport,
+    prepared: Path,
+    models_dir: Path,
+    config: dict,
+    *,
+    ranker: tuple[TrainResult, EvalReport] | None = None,
+    ship: str = "always",
+) -> ModelVersion:
     """Write ``models_dir/<version>/`` from the trained and evaluated towers (and the ranker, when
     given and ``ship`` says it serves), and point ``models_dir/LATEST`` at it.
 

@@ -52,14 +52,14 @@ class Vocabulary:
         return pc.fill_null(pc.add(index, 2), OOV).to_numpy(zero_copy_only=False).astype(np.int64)
 
     @classmethod
-    def fit(cls, counts: dict[str, int], min_count: int) -> "Vocabulary":
+    def fit(cls, counts: dict[str, int], min_count: int) -> Vocabulary:
         """Keep values seen at least ``min_count`` times, ordered by count then value."""
         kept = [(v, c) for v, c in counts.items() if c >= min_count and v is not None]
         kept.sort(key=lambda vc: (-vc[1], vc[0]))
         dropped = sum(c for v, c in counts.items() if c < min_count or v is None)
         return cls(values=[v for v, _ in kept], min_count=min_count, counts=[c for _, c in kept], oov_count=dropped)
 
-    def extend(self, counts: dict[str, int], min_count: int) -> "Vocabulary":
+    def extend(self, counts: dict[str, int], min_count: int) -> Vocabulary:
         """This vocabulary's values at their own indices, then the new values seen ``min_count`` times
         (by count, then value). A model warm-started across the growth keeps every old row; new
         users and ads get rows of their own instead of sharing OOV."""
@@ -158,14 +158,13 @@ class FeatureMap:
             "format": FORMAT,
             "features": [vars(f) for f in self.features],
             "vocabularies": {
-                k: {"min_count": v.min_count, "values": v.values, "counts": v.counts, "oov_count": v.oov_count}
-                for k, v in self.vocabularies.items()
+                k: {"min_count": v.min_count, "values": v.values, "counts": v.counts, "oov_count": v.oov_count} for k, v in self.vocabularies.items()
             },
             "metadata": self.metadata,
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> "FeatureMap":
+    def from_json(cls, data: dict) -> FeatureMap:
         if data.get("format") != FORMAT:
             raise ValueError(f"not an adrec feature map: format is {data.get('format')!r}, expected {FORMAT!r}")
         return cls(
@@ -181,7 +180,7 @@ class FeatureMap:
         Path(path).write_text(json.dumps(self.to_json()))
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureMap":
+    def load(cls, path: str | Path) -> FeatureMap:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 

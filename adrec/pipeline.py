@@ -19,9 +19,24 @@ from adrec.train import driver
 from adrec.train.config import TrainerOptions
 
 TABLE_KEYS = (
-    "auc", "gauc", "oracle_auc", "popularity_auc", "auc_over_oracle", "logloss", "oracle_logloss",
-    "accuracy", "precision", "recall", "ece", "mean_pctr", "observed_ctr",
-    "recall@10", "ndcg@10", "hitrate@10", "popularity_recall@10", "popularity_ndcg@10",
+    "auc",
+    "gauc",
+    "oracle_auc",
+    "popularity_auc",
+    "auc_over_oracle",
+    "logloss",
+    "oracle_logloss",
+    "accuracy",
+    "precision",
+    "recall",
+    "ece",
+    "mean_pctr",
+    "observed_ctr",
+    "recall@10",
+    "ndcg@10",
+    "hitrate@10",
+    "popularity_recall@10",
+    "popularity_ndcg@10",
 )
 
 
@@ -70,20 +85,37 @@ def from_logs(cfg, stages: Stages | None = None) -> dict:
     prepared, seed = Path(resolve(cfg.paths.prepared_dir)), int(cfg.seed)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     stages.run("prepare", prepare.prepare, OmegaConf.to_container(cfg.data, resolve=True), prepared, seed)
-    towers = stages.run("train", driver.train, prepared, Path(resolve(cfg.paths.train_dir)), model,
-                        trainer_options(cfg, cfg.paths.train_dir), seed)
+    towers = stages.run("train", driver.train, prepared, Path(resolve(cfg.paths.train_dir)), model, trainer_options(cfg, cfg.paths.train_dir), seed)
     towers_eval = stages.run("evaluate", evaluate.evaluate, towers, prepared, Path(resolve(cfg.paths.eval_dir)), **evaluate_options(cfg))
     if not str(cfg.model._target_).endswith("build_two_tower"):
         return stages.results  # only the two-tower model is served (export says why)
     ranker = None
     if cfg.ranker.enabled:  # Serve re-ranks the towers' shortlist with the DCN ranker, trained on the same examples
         ranker_model = OmegaConf.to_container(cfg.ranker.model, resolve=True)
-        trained = stages.run("train_ranker", driver.train, prepared, Path(resolve(cfg.ranker.train_dir)), ranker_model,
-                             trainer_options(cfg, cfg.ranker.train_dir), seed)
-        ranker = trained, stages.run("evaluate_ranker", evaluate.evaluate, trained, prepared, Path(resolve(cfg.ranker.eval_dir)),
-                                     **evaluate_options(cfg))
-    stages.run("export", export.export, towers, towers_eval, prepared, Path(resolve(cfg.paths.models_dir)),
-               OmegaConf.to_container(cfg, resolve=True), ranker=ranker, ship=str(cfg.ranker.ship))
+        trained = stages.run(
+            "train_ranker",
+            driver.train,
+            prepared,
+            Path(resolve(cfg.ranker.train_dir)),
+            ranker_model,
+            trainer_options(cfg, cfg.ranker.train_dir),
+            seed,
+        )
+        ranker = (
+            trained,
+            stages.run("evaluate_ranker", evaluate.evaluate, trained, prepared, Path(resolve(cfg.ranker.eval_dir)), **evaluate_options(cfg)),
+        )
+    stages.run(
+        "export",
+        export.export,
+        towers,
+        towers_eval,
+        prepared,
+        Path(resolve(cfg.paths.models_dir)),
+        OmegaConf.to_container(cfg, resolve=True),
+        ranker=ranker,
+        ship=str(cfg.ranker.ship),
+    )
     return stages.results
 
 

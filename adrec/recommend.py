@@ -32,7 +32,6 @@ from adrec.inference import catalog_lookups, column_to_numpy, to_features
 from adrec.registry import load_ad_embeddings, load_ranker, load_tower, resolve_model_dir, verify_manifest
 
 
-
 @dataclass
 class UserQuery:
     """One request's user side. ``recent_ad_ids`` are most recent first; ``attributes`` and
@@ -129,7 +128,6 @@ class FeatureBuilder:
         return encoded
 
 
-
 def grow(array: np.ndarray, row: int, value: np.ndarray) -> np.ndarray:
     """``array`` with ``value`` at ``row``, appended when ``row == len(array)``. Admin writes are rare,
     so a copy per new ad (about 50 ms at a million ads) buys simple, read-optimised arrays."""
@@ -186,7 +184,7 @@ class Catalog:
             self.features[name] = grow(self.features[name], row, encoded[name][0])
         return row
 
-    def shortlist(self, rows: np.ndarray, pctr: np.ndarray) -> "Shortlist":
+    def shortlist(self, rows: np.ndarray, pctr: np.ndarray) -> Shortlist:
         """``rows`` (N,) with their calibrated pCTR (N,), best expected revenue (pCTR x bid) first."""
         order = np.argsort(-(pctr * self.bids[rows]), kind="stable")
         rows, pctr = rows[order], pctr[order]
@@ -353,8 +351,9 @@ def is_cold(builder: FeatureBuilder, query: UserQuery) -> bool:
 class LocalRecommender:
     """Every side of one model version in one process: what each Serve request runs, without Serve."""
 
-    def __init__(self, model_dir: str | Path, marketplace: Marketplace, index_options: dict | None = None,
-                 shortlist: int = 200, popular: int = 50) -> None:
+    def __init__(
+        self, model_dir: str | Path, marketplace: Marketplace, index_options: dict | None = None, shortlist: int = 200, popular: int = 50
+    ) -> None:
         self.features = feature_builder(resolve_model_dir(model_dir))
         self.users = UserSide(model_dir)
         self.retrieval = RetrievalSide(model_dir, index_options, popular)

@@ -202,7 +202,7 @@ def load_grown(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list
         if target.shape != value.shape:
             if target.shape[1:] != value.shape[1:] or target.shape[0] < value.shape[0]:
                 raise ArtifactError(f"{name} is {tuple(value.shape)} in the checkpoint and {tuple(target.shape)} here: only id tables may grow")
-            value = torch.cat([value, target[value.shape[0]:]])
+            value = torch.cat([value, target[value.shape[0] :]])
             grown.append(name)
         state[name] = value
     model.load_state_dict(state)

@@ -86,7 +86,7 @@ class TrainResult(_Json):
     selected_encoder: str | None = None  # set by select: the user encoder that won
 
     @classmethod
-    def of_checkpoint(cls, checkpoint: str) -> "TrainResult":
+    def of_checkpoint(cls, checkpoint: str) -> TrainResult:
         """A checkpoint trained elsewhere (e.g. a champion rebuilt for a grown feature map): no curves."""
         return cls(best_checkpoint=checkpoint, best={})
 
@@ -132,16 +132,14 @@ class EvalReport(_Json):
         return {**self.metrics, "calibration": self.calibration, "checkpoint": self.checkpoint, "plots": self.plots}
 
     @classmethod
-    def from_json(cls, data: dict) -> "EvalReport":
+    def from_json(cls, data: dict) -> EvalReport:
         metrics = {k: v for k, v in data.items() if k not in ("calibration", "checkpoint", "plots")}
         return cls(checkpoint=data["checkpoint"], calibration=data["calibration"], metrics=metrics, plots=data.get("plots") or [])
 
     def check_is_for(self, trained: TrainResult) -> None:
         """Metrics of another checkpoint than ``trained``'s would ship wrong numbers: refuse them."""
         if self.checkpoint != trained.best_checkpoint:
-            raise ValueError(
-                f"these metrics are for {self.checkpoint}, not the trained model {trained.best_checkpoint}: evaluate it again"
-            )
+            raise ValueError(f"these metrics are for {self.checkpoint}, not the trained model {trained.best_checkpoint}: evaluate it again")
 
 
 def finite_or_none(metrics: dict) -> dict:

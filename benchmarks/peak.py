@@ -64,7 +64,7 @@ class PeakMemory:
                 self.worker_rss = max(self.worker_rss, max(resident))
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 

@@ -46,8 +46,14 @@ def version_value(model_dir: Path, views: int, k: int, seed: int) -> dict:
     truth, bids = truth_matrix(world, generator, users, slots), world.ads["bid"].to_numpy()
     ctr, revenue = policy_scores(truth, bids, np.array(chosen))
     oracle_ctr, oracle_revenue = policy_scores(truth, bids, oracle_choice(truth, bids, k))
-    return {"version": manifest["version"], "ctr": ctr, "oracle_ctr": oracle_ctr, "ctr_over_oracle": ctr / oracle_ctr,
-            "revenue_over_oracle": revenue / oracle_revenue, "served_pctr": float(np.mean(served))}
+    return {
+        "version": manifest["version"],
+        "ctr": ctr,
+        "oracle_ctr": oracle_ctr,
+        "ctr_over_oracle": ctr / oracle_ctr,
+        "revenue_over_oracle": revenue / oracle_revenue,
+        "served_pctr": float(np.mean(served)),
+    }
 
 
 def main() -> None:

@@ -20,12 +20,11 @@ from pathlib import Path
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import psutil  # noqa: E402 (pip install -e ".[bench]")
-import ray  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from peak import PeakMemory, spilled_mib  # noqa: E402 (benchmarks/peak.py, beside this script)
 
 from adrec.data import prepare, synthetic  # noqa: E402
 from adrec.runtime import init_ray  # noqa: E402
-from peak import PeakMemory, spilled_mib  # noqa: E402 (benchmarks/peak.py, beside this script)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 EVENTS_PER_IMPRESSION = 1.11  # clicks and conversions on top of impressions, as the generator draws them

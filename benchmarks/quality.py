@@ -64,8 +64,15 @@ def synthetic_runs(seed: int, out: Path) -> dict[str, dict]:
     prepare.run(base)
     results = {}
     for encoder in ENCODERS:
-        cfg = config(out / f"synthetic-{seed}", [f"seed={seed}", f"model/user_encoder={encoder}", f"paths.train_dir={out}/synthetic-{seed}/train-{encoder}",
-                                                 f"paths.eval_dir={out}/synthetic-{seed}/eval-{encoder}"])
+        cfg = config(
+            out / f"synthetic-{seed}",
+            [
+                f"seed={seed}",
+                f"model/user_encoder={encoder}",
+                f"paths.train_dir={out}/synthetic-{seed}/train-{encoder}",
+                f"paths.eval_dir={out}/synthetic-{seed}/eval-{encoder}",
+            ],
+        )
         metrics = train_and_evaluate(cfg)
         results[encoder] = {k: metrics[k] for k in ("auc", "oracle_auc", "auc_over_oracle", "gauc", "logloss", "ece", "recall@10")}
     return results

@@ -167,8 +167,13 @@ def bare_app(model_dir: str, exact_max_ads: int, nprobe: int):
     torch.set_num_threads(1)
     args = AppArgs(model_dir=model_dir)
     cap = args.frequency_cap
-    local = LocalRecommender(model_dir, Marketplace(FrequencyCap(cap.max_impressions, cap.window_s)),
-                             {"exact_max_ads": exact_max_ads, "nprobe": nprobe, "threads": 1}, args.shortlist, args.popular)
+    local = LocalRecommender(
+        model_dir,
+        Marketplace(FrequencyCap(cap.max_impressions, cap.window_s)),
+        {"exact_max_ads": exact_max_ads, "nprobe": nprobe, "threads": 1},
+        args.shortlist,
+        args.popular,
+    )
     app = FastAPI()
 
     @app.get("/healthz")
@@ -180,15 +185,32 @@ def bare_app(model_dir: str, exact_max_ads: int, nprobe: int):
         if request.k > args.max_k or len(request.recent_ad_ids) > args.max_history:
             raise HTTPException(413)
         result, cold = local.recommend(UserQuery(request.user_id, request.recent_ad_ids, request.attributes, request.context), request.k)
-        return RecommendResponse(request_id="-", user_id=request.user_id, model_version=local.version, cold_start=cold,
-                                 ads=[RecommendedAd(**vars(ad)) for ad in result.ads], candidates=result.candidates, removed=result.removed)
+        return RecommendResponse(
+            request_id="-",
+            user_id=request.user_id,
+            model_version=local.version,
+            cold_start=cold,
+            ads=[RecommendedAd(**vars(ad)) for ad in result.ads],
+            candidates=result.candidates,
+            removed=result.removed,
+        )
 
     return app
 
 
 def start_bare(model_dir: Path, port: int, exact_max_ads: int, nprobe: int) -> subprocess.Popen:
-    command = [sys.executable, __file__, "--bare-server", str(model_dir), "--port", str(port),
-               "--exact-max-ads", str(exact_max_ads), "--nprobe", str(nprobe)]
+    command = [
+        sys.executable,
+        __file__,
+        "--bare-server",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--exact-max-ads",
+        str(exact_max_ads),
+        "--nprobe",
+        str(nprobe),
+    ]
     return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -200,8 +222,14 @@ def start_serve(model_dir: Path, port: int, exact_max_ads: int, nprobe: int) -> 
     from serve.schemas import AppArgs
 
     single = {"min_replicas": 1, "max_replicas": 1}
-    args = AppArgs(model_dir=str(model_dir), user_encoder=single, ingress=single, ranker=single,
-                   ad_index={**single, "exact_max_ads": exact_max_ads, "nprobe": nprobe}, deadline_ms=5000)
+    args = AppArgs(
+        model_dir=str(model_dir),
+        user_encoder=single,
+        ingress=single,
+        ranker=single,
+        ad_index={**single, "exact_max_ads": exact_max_ads, "nprobe": nprobe},
+        deadline_ms=5000,
+    )
     serve.run(build_app(args), name="adrec", route_prefix="/", logging_config={"enable_access_log": False})
     wait_until_ok(f"http://127.0.0.1:{port}/healthz", timeout_s=300, interval_s=0.5)
     return httpx.get(f"http://127.0.0.1:{port}/model", timeout=60).json()
@@ -221,8 +249,12 @@ def main() -> None:
     parser.add_argument("--exact-max-ads", type=int, default=50_000)
     parser.add_argument("--nprobe", type=int, default=32)
     parser.add_argument("--work-dir", default="/tmp/adrec-serve-bench")
-    parser.add_argument("--latency-mode", action=argparse.BooleanOptionalAction, default=True,
-                        help="RAY_SERVE_THROUGHPUT_OPTIMIZED for the embedded Ray, as adrec.runtime.init_ray sets it")
+    parser.add_argument(
+        "--latency-mode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="RAY_SERVE_THROUGHPUT_OPTIMIZED for the embedded Ray, as adrec.runtime.init_ray sets it",
+    )
     parser.add_argument("--bare-server", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -230,8 +262,13 @@ def main() -> None:
     if options.bare_server:  # the child process of start_bare
         import uvicorn
 
-        uvicorn.run(bare_app(options.bare_server, options.exact_max_ads, options.nprobe), host="127.0.0.1",
-                    port=options.port, log_level="warning", access_log=False)
+        uvicorn.run(
+            bare_app(options.bare_server, options.exact_max_ads, options.nprobe),
+            host="127.0.0.1",
+            port=options.port,
+            log_level="warning",
+            access_log=False,
+        )
         return
 
     import ray
@@ -269,24 +306,36 @@ def main() -> None:
             bare.wait()
         for c in options.concurrency:
             s, b = served[c], baseline[c]
-            runs.append({
-                "catalog": size, "concurrency": c, **s,
-                "bare_p50_ms": b["p50_ms"], "bare_p99_ms": b["p99_ms"], "bare_qps": b["qps"], "bare_failed": b["failed"],
-                "ratio_p50": round(s["p50_ms"] / b["p50_ms"], 2),
-            })
+            runs.append(
+                {
+                    "catalog": size,
+                    "concurrency": c,
+                    **s,
+                    "bare_p50_ms": b["p50_ms"],
+                    "bare_p99_ms": b["p99_ms"],
+                    "bare_qps": b["qps"],
+                    "bare_failed": b["failed"],
+                    "ratio_p50": round(s["p50_ms"] / b["p50_ms"], 2),
+                }
+            )
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     with contextlib.redirect_stdout(sys.stderr):  # Ray prints a shutdown notice to stdout; stdout is for the JSON
         serve.shutdown()
         ray.shutdown()
     ivf = [i for i in indexes.values() if i.get("recall")]
-    print(json.dumps({
-        "runs": runs,
-        "ann_recall_at_100": ivf[-1]["recall"]["recall"] if ivf else None,
-        "indexes": {str(size): info for size, info in indexes.items()},
-        "seconds_per_run": options.seconds,
-        "latency_mode": options.latency_mode,
-        "cpus": os.cpu_count(),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "runs": runs,
+                "ann_recall_at_100": ivf[-1]["recall"]["recall"] if ivf else None,
+                "indexes": {str(size): info for size, info in indexes.items()},
+                "seconds_per_run": options.seconds,
+                "latency_mode": options.latency_mode,
+                "cpus": os.cpu_count(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

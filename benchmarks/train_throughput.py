@@ -36,6 +36,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from peak import PeakMemory, spilled_mib  # noqa: E402 (benchmarks/peak.py, beside this script)
 
 from adrec.data import prepare, synthetic  # noqa: E402
 from adrec.features import FeatureMap  # noqa: E402
@@ -46,7 +47,6 @@ from adrec.train import driver  # noqa: E402
 from adrec.train.loop import Objective, train_step  # noqa: E402
 from adrec.train.losses import LossConfig  # noqa: E402
 from adrec.train.optim import build_optimizer  # noqa: E402
-from peak import PeakMemory, spilled_mib  # noqa: E402 (benchmarks/peak.py, beside this script)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 MB = 1 / 2**20
@@ -57,8 +57,13 @@ def config(out_dir: Path, impressions: int, epochs: int, *overrides: str):
         return compose(
             "config",
             overrides=[
-                f"run_dir={out_dir}", f"data.generator.num_impressions={impressions}", f"trainer.epochs={epochs}",
-                "trainer.log_every_steps=0", "trainer.tensorboard_dir=null", "trainer.keep_checkpoints=1", *overrides,
+                f"run_dir={out_dir}",
+                f"data.generator.num_impressions={impressions}",
+                f"trainer.epochs={epochs}",
+                "trainer.log_every_steps=0",
+                "trainer.tensorboard_dir=null",
+                "trainer.keep_checkpoints=1",
+                *overrides,
             ],
         )
 
@@ -111,8 +116,12 @@ def ray_loop(cfg, workers: int, threads: int | None) -> dict:
         result = driver.run(run_cfg)
     wall = time.perf_counter() - started
     epochs = [
-        {"samples": e["samples_per_s"] * e["train_seconds"], "seconds": e["train_seconds"], "first_batch_s": e["first_batch_seconds"],
-         "validate_s": e["validate_seconds"]}
+        {
+            "samples": e["samples_per_s"] * e["train_seconds"],
+            "seconds": e["train_seconds"],
+            "first_batch_s": e["first_batch_seconds"],
+            "validate_s": e["validate_seconds"],
+        }
         for e in result["epochs"]
     ]
     in_epochs = sum(e["seconds"] + e["validate_s"] for e in epochs)

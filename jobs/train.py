@@ -2,8 +2,8 @@
 
 import hydra
 
-from adrec.train import driver as stage
 from adrec.runtime import print_result
+from adrec.train import driver as stage
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -46,8 +46,10 @@ def checked_model_dir(args: AppArgs) -> str:
         problems.append(f"model_dir: {failure}")
     secret = args.feedback_secret_value()
     if secret is not None and len(secret.encode()) < 16:
-        problems.append(f"the feedback secret (args.feedback_secret or ${args.feedback_secret_env}) is {len(secret.encode())} bytes; "
-                        "it must be at least 16: set a long random one")
+        problems.append(
+            f"the feedback secret (args.feedback_secret or ${args.feedback_secret_env}) is {len(secret.encode())} bytes; "
+            "it must be at least 16: set a long random one"
+        )
     if args.feedback_dir and not os.access(nearest_existing(Path(resolve(args.feedback_dir))), os.W_OK):
         problems.append(f"feedback_dir {resolve(args.feedback_dir)} cannot be written; choose a writable folder")
     if problems:

@@ -21,8 +21,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger("ray.serve")
 
 # The kind of error a bare status stands for, when the raiser gave only a message.
-KINDS = {400: "unparseable_body", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-         413: "too_large", 500: "internal", 503: "unavailable"}
+KINDS = {
+    400: "unparseable_body",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    500: "internal",
+    503: "unavailable",
+}
 
 WHEN = {
     400: "The body could not be read (for example, bytes that are not UTF-8).",

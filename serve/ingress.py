@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Annotated
 
 import ray
-from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Response
+from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.exceptions import RayActorError
@@ -100,8 +101,13 @@ def limit_problems(request: RecommendRequest, args: AppArgs) -> list[dict]:
     if request.k > args.max_k:
         problems.append({"loc": ["body", "k"], "msg": f"k is {request.k}; at most {args.max_k} (max_k)", "type": "less_than_equal"})
     if len(request.recent_ad_ids) > args.max_history:
-        problems.append({"loc": ["body", "recent_ad_ids"], "type": "too_long",
-                         "msg": f"{len(request.recent_ad_ids)} recent ads; at most {args.max_history} (max_history)"})
+        problems.append(
+            {
+                "loc": ["body", "recent_ad_ids"],
+                "type": "too_long",
+                "msg": f"{len(request.recent_ad_ids)} recent ads; at most {args.max_history} (max_history)",
+            }
+        )
     return problems
 
 
@@ -145,8 +151,13 @@ class Ingress:
         if self.admin_token is None:
             raise error(403, f"write and admin endpoints are off: set {self.args.admin_token_env} (or args.admin_token)", "forbidden")
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), self.admin_token.encode()):
-            raise error(401, "a valid 'Authorization: Bearer <token>' header is required", "unauthorized", ["header", "authorization"],
-                        headers={"WWW-Authenticate": "Bearer"})
+            raise error(
+                401,
+                "a valid 'Authorization: Bearer <token>' header is required",
+                "unauthorized",
+                ["header", "authorization"],
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def version_dir(self, version: str | None) -> Path:
         """A version folder of this app's registry (never an arbitrary path), verified."""
@@ -156,7 +167,7 @@ class Ingress:
         try:
             return verified(resolve_model_dir(target))[0]
         except (ArtifactError, OSError) as failure:
-            raise error(422, f"not a loadable version of {self.registry.name}: {failure}", "not_loadable", ["body", "version"])
+            raise error(422, f"not a loadable version of {self.registry.name}: {failure}", "not_loadable", ["body", "version"]) from None
 
     async def side(self) -> tuple[str, int, IngressSide]:
         view = self.versions.view
@@ -206,7 +217,13 @@ class Ingress:
         auction = time.perf_counter()
         result = await self.market.run_shortlist.remote(user_key(query.user_id), {**query.attributes, **query.context}, ranked, k)
         hops = chain_ms - timing["encode"] - timing["index"] - timing["rank"]
-        return result, {"encode": timing["encode"], "index": timing["index"], "rank": timing["rank"], "hops": round(hops, 3), "auction": timed(auction)}
+        return result, {
+            "encode": timing["encode"],
+            "index": timing["index"],
+            "rank": timing["rank"],
+            "hops": round(hops, 3),
+            "auction": timed(auction),
+        }
 
     def ad_problems(self, update: AdUpdate) -> list[dict]:
         """What stops the serving version, or the one rolling out, from encoding ``update``: checked
@@ -243,7 +260,9 @@ class Ingress:
                 self.run_auction(query, request.k, features, cold, model_dir, updates, started + budget_s), budget_s - (time.perf_counter() - started)
             )
         except asyncio.TimeoutError:
-            raise error(503, f"no answer within {budget_s * 1000:.0f} ms (deadline_ms / tmax_ms); serve a fallback and retry later", "deadline")
+            raise error(
+                503, f"no answer within {budget_s * 1000:.0f} ms (deadline_ms / tmax_ms); serve a fallback and retry later", "deadline"
+            ) from None
         timing = {"features": feature_ms, **timing, "total": timed(started)}
         response.headers["Server-Timing"] = ", ".join(f"{name};dur={value:.2f}" for name, value in timing.items())
         request_id = uuid.uuid4().hex
@@ -259,8 +278,12 @@ class Ingress:
         )
 
     @api.put("/ads/{ad_id}", responses=responses(400, 401, 403, 413, 422))
-    async def put_ad(self, ad_id: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LENGTH)], ad: AdRequest,
-                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> AdAnswer:
+    async def put_ad(
+        self,
+        ad_id: Annotated[str, PathParam(min_length=1, max_length=MAX_ID_LENGTH)],
+        ad: AdRequest,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
+    ) -> AdAnswer:
         """Add or change an ad: embedded by the serving version's ad tower and inserted into the index, no restart.
 
         The ad states every input of the model's ad tower and ranker (GET /openapi.json lists them);
@@ -308,10 +331,17 @@ class Ingress:
             "ad_updates": {"logged": updates, "ad_index": index["updates"], "ranker": ranker["updates"]},
         }
 
-    @api.post("/admin/reload", response_model=ReloadAnswer,
-              responses={202: {"model": ReloadAnswer, "description": "still rolling out after reload_timeout_s"}, **responses(400, 401, 403, 404, 413, 422)})
-    async def reload(self, body: ReloadRequest, response: Response,
-                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> ReloadAnswer:
+    @api.post(
+        "/admin/reload",
+        response_model=ReloadAnswer,
+        responses={
+            202: {"model": ReloadAnswer, "description": "still rolling out after reload_timeout_s"},
+            **responses(400, 401, 403, 404, 413, 422),
+        },
+    )
+    async def reload(
+        self, body: ReloadRequest, response: Response, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None
+    ) -> ReloadAnswer:
         """Load another version on every replica while the current one serves; switch when all hold it."""
         self.require_admin(credentials)
         target = str(self.version_dir(body.version))

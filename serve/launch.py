@@ -68,8 +68,9 @@ def run_simulation(cfg) -> dict:
     admin_token = secrets.token_urlsafe(24)
     os.environ[cfg.retrain.admin_token_env] = admin_token  # retraining's hot swap reads it
     settings = OmegaConf.to_container(cfg.serve.app, resolve=True)
-    args = simulation_args(settings, looped.paths.models_dir, looped.paths.feedback_dir, admin_token, secrets.token_urlsafe(32),
-                           float(cfg.simulate.explore))
+    args = simulation_args(
+        settings, looped.paths.models_dir, looped.paths.feedback_dir, admin_token, secrets.token_urlsafe(32), float(cfg.simulate.explore)
+    )
     url = start(args, cfg.serve.host, int(cfg.serve.port))
     try:
         return simulate.run(looped, url, Path(resolve(cfg.run_dir)))

@@ -58,7 +58,7 @@ class Replicas(Strict):
     num_cpus: float = Field(0.25, ge=0, description="reserved per replica; fractional, so all four deployments fit a 2-core node")
 
     @model_validator(mode="after")
-    def replicas_in_order(self) -> "Replicas":
+    def replicas_in_order(self) -> Replicas:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
         return self
@@ -130,9 +130,7 @@ class RecommendRequest(Strict):
     user_id: Id
     k: integer(ge=1) = 10
     recent_ad_ids: list[Id] = Field(default_factory=list, description="ads the user clicked recently, most recent first")
-    attributes: dict[Id, Id] = Field(
-        default_factory=dict, max_length=MAX_FIELDS, description="profile attributes, for users the model has not seen"
-    )
+    attributes: dict[Id, Id] = Field(default_factory=dict, max_length=MAX_FIELDS, description="profile attributes, for users the model has not seen")
     context: dict[Id, Id] = Field(
         default_factory=dict, max_length=MAX_FIELDS, description="page-view context, e.g. {'slot': 'top', 'device': 'mobile'}"
     )
@@ -156,9 +154,7 @@ class RecommendResponse(BaseModel):
     cold_start: bool = Field(description="no history in the request or the log: ranked from features, context and popularity")
     ads: list[RecommendedAd]
     candidates: int
-    removed: dict[str, int] = Field(
-        description="candidates each auction rule removed, of those examined: best pCTR x bid first, until k were chosen"
-    )
+    removed: dict[str, int] = Field(description="candidates each auction rule removed, of those examined: best pCTR x bid first, until k were chosen")
 
 
 class AdRequest(Strict):

@@ -74,8 +74,9 @@ class Versions(Generic[Side]):
 
     def rejections(self) -> Counter:
         if self._rejections is None:  # made on first use: a metric needs a running Ray worker
-            self._rejections = Counter("adrec_ad_updates_rejected", "ad updates a replica skipped because its model version cannot encode them",
-                                       tag_keys=("deployment",)).set_default_tags({"deployment": self.deployment})
+            self._rejections = Counter(
+                "adrec_ad_updates_rejected", "ad updates a replica skipped because its model version cannot encode them", tag_keys=("deployment",)
+            ).set_default_tags({"deployment": self.deployment})
         return self._rejections
 
     def ensure_polling(self) -> None:

@@ -212,7 +212,8 @@ def test_removed_counts_winners_and_losers_add_up_to_the_candidates():
 
     candidates = [
         ad("seen"),  # frequency_cap
-        ad("t1", campaign="tv"), ad("t2", campaign="tv"),  # targeting
+        ad("t1", campaign="tv"),
+        ad("t2", campaign="tv"),  # targeting
         ad("b1", campaign="broke"),  # budget
         ad("t1", campaign="tv"),  # duplicate, though its first copy was removed for targeting
         *[ad(f"ok{i}", pctr=0.01 * (i + 1)) for i in range(6)],  # 6 survivors, 3 of which lose
@@ -306,9 +307,7 @@ def test_bad_settings_are_refused():
 @pytest.mark.slow
 def test_a_ray_actor_keeps_the_cap_exact_under_concurrent_calls(ray_session):
     """What Serve relies on: many replicas, one actor, the cap never overshoots."""
-    market = ray.remote(Marketplace).options(name="test-auction-marketplace").remote(
-        frequency_cap=FrequencyCap(max_impressions=3, window_s=3600.0)
-    )
+    market = ray.remote(Marketplace).options(name="test-auction-marketplace").remote(frequency_cap=FrequencyCap(max_impressions=3, window_s=3600.0))
     candidate = ad("ad-1", campaign="camp-1", bid=2.0, pctr=0.05)
 
     def page_view(_):

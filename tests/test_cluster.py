@@ -53,15 +53,24 @@ def cluster(tmp_path):
     gcs, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "1"}
     head = start_node(
-        ["--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={free_port()}"],
-        env, tmp_path / "head.log",
+        [
+            "--head",
+            f"--port={gcs}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ],
+        env,
+        tmp_path / "head.log",
     )
     worker = None
     try:
         address = f"http://127.0.0.1:{dashboard}"
         wait_for_jobs_api(address, head, tmp_path / "head.log")
-        worker = start_node([f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--dashboard-agent-listen-port={free_port()}"], env, tmp_path / "worker.log")
+        worker = start_node(
+            [f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--dashboard-agent-listen-port={free_port()}"], env, tmp_path / "worker.log"
+        )
         wait_for_nodes(gcs, 2)
         yield {"address": address, "env": env}
     finally:
@@ -104,9 +113,23 @@ def wait_for_nodes(gcs_port: int, count: int, timeout_s: float = 180) -> None:
 def test_train_job_submitted_to_a_two_node_cluster(tiny_run, cluster, tmp_path):
     run_dir = tmp_path / "job-run"
     submit = [
-        RAY, "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO), "--",
-        sys.executable, "jobs/train.py", f"run_dir={run_dir}", f"paths.prepared_dir={tiny_run['cfg'].paths.prepared_dir}",
-        "trainer.num_workers=2", "trainer.cpus_per_worker=1", "trainer.placement_strategy=SPREAD", "trainer.epochs=1", "trainer.batch_size=512",
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        cluster["address"],
+        "--working-dir",
+        str(REPO),
+        "--",
+        sys.executable,
+        "jobs/train.py",
+        f"run_dir={run_dir}",
+        f"paths.prepared_dir={tiny_run['cfg'].paths.prepared_dir}",
+        "trainer.num_workers=2",
+        "trainer.cpus_per_worker=1",
+        "trainer.placement_strategy=SPREAD",
+        "trainer.epochs=1",
+        "trainer.batch_size=512",
     ]
     done = subprocess.run(submit, env=cluster["env"], capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

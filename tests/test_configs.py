@@ -15,6 +15,7 @@ def feature_map_and_batch(cfg, rows: int = 7) -> tuple[FeatureMap, dict]:
     """A feature map with 4-value vocabularies for ``cfg``'s dataset, and a random batch of its ids (values for dense ones)."""
     specs = feature_specs(DataOptions.parse(cfg.data))
     fm = FeatureMap(specs, {s.vocabulary: Vocabulary([f"v{i}" for i in range(4)]) for s in specs if s.vocabulary})
+
     def ids(s):
         return torch.randint(0, fm.cardinality(s.name), (rows, s.max_len) if s.kind == "sequence" else (rows,))
 
@@ -41,8 +42,9 @@ def test_every_dataset_config_composes(tmp_path, dataset):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[f"run_dir={tmp_path}", f"data={dataset}", "data.path=/data"] if dataset != "synthetic"
-                      else [f"run_dir={tmp_path}"])
+        cfg = compose(
+            "config", overrides=[f"run_dir={tmp_path}", f"data={dataset}", "data.path=/data"] if dataset != "synthetic" else [f"run_dir={tmp_path}"]
+        )
     OmegaConf.to_container(cfg.data, resolve=True)
     assert feature_specs(DataOptions.parse(cfg.data))
 
@@ -77,8 +79,11 @@ def test_a_misspelled_encoder_option_is_an_error_naming_it(tmp_path):
         compose_config(tmp_path, "model/user_encoder=attention", "model.user_encoder.head=4")
     cfg = compose_config(tmp_path, "model/user_encoder=attention", "+model.user_encoder.head=4")
     fm, _ = feature_map_and_batch(cfg)
-    with pytest.raises(ConfigError, match=r"model\.user_encoder\.head is not an option of adrec\.models\.sequence\.AttentionEncoderOptions "
-                                          r"\(did you mean model\.user_encoder\.heads\?\); known: heads, layers, dropout"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.user_encoder\.head is not an option of adrec\.models\.sequence\.AttentionEncoderOptions "
+        r"\(did you mean model\.user_encoder\.heads\?\); known: heads, layers, dropout",
+    ):
         build_model(cfg.model, fm)
 
     spelled = compose_config(tmp_path, "model/user_encoder=attention", "model.user_encoder.heads=4")
@@ -104,8 +109,11 @@ def test_a_misspelled_model_option_is_an_error_naming_it(tmp_path, model, typo, 
 def test_a_misspelled_or_mistyped_loss_option_is_an_error_naming_it(tmp_path):
     cfg = compose_config(tmp_path, "+model.loss.softmax_wieght=1.0")
     fm, _ = feature_map_and_batch(cfg)
-    with pytest.raises(ConfigError, match=r"model\.loss\.softmax_wieght is not an option of adrec\.train\.losses\.LossConfig "
-                                          r"\(did you mean model\.loss\.softmax_weight\?\); known: bce_weight, softmax_weight, "):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.loss\.softmax_wieght is not an option of adrec\.train\.losses\.LossConfig "
+        r"\(did you mean model\.loss\.softmax_weight\?\); known: bce_weight, softmax_weight, ",
+    ):
         build_model(cfg.model, fm)
     with pytest.raises(ConfigError, match=r"model\.loss\.uniform_negatives='many': expected int"):
         build_model(compose_config(tmp_path, "model.loss.uniform_negatives=many").model, fm)
@@ -188,16 +196,33 @@ def test_each_experiment_composes_its_tuned_settings_and_builds_its_model(tmp_pa
     assert resolved["data"]["name"] == experiment and resolved["run_dir"] == str(tmp_path)
     tuned = {
         "movielens": {
-            "data.path": "/shared/data/movielens-100k", "data.label_rule.implicit": True, "data.prepare.min_count": 1,
-            "model._target_": "adrec.models.two_tower.build_two_tower", "model.normalize": True, "model.temperature": 0.2,
-            "model.hidden_dims": [], "model.embedding_dim": 64, "model.output_dim": 64, "model.oov_dropout": 0.0,
-            "model.loss.bce_weight": 0.0, "model.loss.softmax_weight": 1.0,
-            "trainer.select_metric": "val_loss", "trainer.select_mode": "min", "trainer.batch_size": 512, "trainer.epochs": 5,
+            "data.path": "/shared/data/movielens-100k",
+            "data.label_rule.implicit": True,
+            "data.prepare.min_count": 1,
+            "model._target_": "adrec.models.two_tower.build_two_tower",
+            "model.normalize": True,
+            "model.temperature": 0.2,
+            "model.hidden_dims": [],
+            "model.embedding_dim": 64,
+            "model.output_dim": 64,
+            "model.oov_dropout": 0.0,
+            "model.loss.bce_weight": 0.0,
+            "model.loss.softmax_weight": 1.0,
+            "trainer.select_metric": "val_loss",
+            "trainer.select_mode": "min",
+            "trainer.batch_size": 512,
+            "trainer.epochs": 5,
         },
         "criteo": {
-            "data.path": "/shared/data/criteo-dac-8k", "data.prepare.split.kind": "kfold", "model._target_": "adrec.models.ranker.build_dcn",
-            "trainer.batch_size": 256, "trainer.epochs": 3, "trainer.lr": 0.001, "trainer.weight_decay": 0.01,
-            "trainer.select_metric": "val_logloss", "trainer.select_mode": "min",
+            "data.path": "/shared/data/criteo-dac-8k",
+            "data.prepare.split.kind": "kfold",
+            "model._target_": "adrec.models.ranker.build_dcn",
+            "trainer.batch_size": 256,
+            "trainer.epochs": 3,
+            "trainer.lr": 0.001,
+            "trainer.weight_decay": 0.01,
+            "trainer.select_metric": "val_logloss",
+            "trainer.select_mode": "min",
         },
     }[experiment]
     assert {key: OmegaConf.select(cfg, key) for key in tuned} == tuned

@@ -40,8 +40,16 @@ def test_a_token_proves_what_was_served_and_nothing_else():
 
 def test_a_token_of_the_old_format_is_refused_not_a_crash():
     signer = Signer(SECRET, ttl_s=3600)
-    old = {"request_id": "r1", "user": user_key("u1"), "ad_id": "a1", "version": "v1", "ts": SERVED,
-           "slot": "top", "device": "mobile", "propensity": 1.0}  # slot and device were fields of their own
+    old = {
+        "request_id": "r1",
+        "user": user_key("u1"),
+        "ad_id": "a1",
+        "version": "v1",
+        "ts": SERVED,
+        "slot": "top",
+        "device": "mobile",
+        "propensity": 1.0,
+    }  # slot and device were fields of their own
     payload = json.dumps(old, separators=(",", ":"), sort_keys=True).encode()
     with pytest.raises(TokenError, match="outdated"):
         signer.verify(f"{b64(payload)}.{b64(signer._mac(payload))}", SERVED + 10)

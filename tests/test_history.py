@@ -99,8 +99,18 @@ def test_validation_names_what_is_wrong():
             {**ok, "event": "CLICK", "impression_id": "e0"},
         ]
     ) == [
-        None, "missing_event_id", "unknown_event", "missing_impression_id", "missing_user_id", "bad_ts",
-        "ts_out_of_range", "bad_price", "nonfinite_price", "oversized_slot", None, None,
+        None,
+        "missing_event_id",
+        "unknown_event",
+        "missing_impression_id",
+        "missing_user_id",
+        "bad_ts",
+        "ts_out_of_range",
+        "bad_price",
+        "nonfinite_price",
+        "oversized_slot",
+        None,
+        None,
     ]
 
 

@@ -133,8 +133,15 @@ def test_dcn_ranker_attends_over_history_with_the_candidates_tables():
 
     torch.manual_seed(0)
     model = DCNRanker(
-        {"ad_id": 9, "category": 5, "device": 4}, {"tokens": 6}, ["price"],
-        {"history": "ad_id", "history_category": "category"}, 8, 2, [16], wide=True, dropout=0.1,
+        {"ad_id": 9, "category": 5, "device": 4},
+        {"tokens": 6},
+        ["price"],
+        {"history": "ad_id", "history_category": "category"},
+        8,
+        2,
+        [16],
+        wide=True,
+        dropout=0.1,
     ).eval()
     batch = ranker_inputs()
     logits = model(batch)

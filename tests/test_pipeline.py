@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from adrec.features import OOV, FeatureMap
 from adrec.eval.calibration import Platt
+from adrec.features import OOV, FeatureMap
 from adrec.registry import ArtifactError, load_checkpoint, verify_manifest
 from tests.conftest import BAD_EVENTS
 
@@ -133,8 +133,15 @@ def test_evaluation_calibrates_on_validation_and_plots(tiny_run):
 def test_export_is_self_describing_and_refuses_tampering(tiny_run, tmp_path):
     model_dir = Path(tiny_run["export"]["model_dir"])
     manifest = verify_manifest(model_dir)
-    assert {"user_encoder.safetensors", "ad_encoder.safetensors", "ad_embeddings.safetensors", "feature_map.json",
-            "metrics.json", "ads.parquet", "users.parquet"} <= set(manifest["files"])
+    assert {
+        "user_encoder.safetensors",
+        "ad_encoder.safetensors",
+        "ad_embeddings.safetensors",
+        "feature_map.json",
+        "metrics.json",
+        "ads.parquet",
+        "users.parquet",
+    } <= set(manifest["files"])
     assert manifest["config"]["trainer"]["num_workers"] == 2
     assert manifest["lineage"]["checkpoint"] == tiny_run["train"]["best_checkpoint"]
     assert (model_dir.parent / "LATEST").read_text().strip() == model_dir.name

@@ -89,8 +89,13 @@ def test_updates_a_version_cannot_encode_are_skipped_alike_by_index_and_ranker(t
     local = LocalRecommender(tiny_run["export"]["model_dir"], Marketplace(FrequencyCap(100, 3600)), shortlist=50, popular=10)
     attributes = {k: raw_ad(tiny_run)[k] for k in ("advertiser_id", "category", "tokens")}
     size = local.retrieval.index.size
-    log = [AdUpdate("good-1", "c", 1.0, attributes), AdUpdate("no-inputs", "c", 1.0, {}), {"not": "an update"},
-           AdUpdate("bad-bid", "c", float("nan"), attributes), AdUpdate("good-2", "c", 2.0, attributes)]
+    log = [
+        AdUpdate("good-1", "c", 1.0, attributes),
+        AdUpdate("no-inputs", "c", 1.0, {}),
+        {"not": "an update"},
+        AdUpdate("bad-bid", "c", float("nan"), attributes),
+        AdUpdate("good-2", "c", 2.0, attributes),
+    ]
     local.retrieval.apply(log)
     local.ranking.apply(log)
     for side in (local.retrieval, local.ranking):

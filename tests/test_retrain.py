@@ -42,7 +42,12 @@ def test_a_warm_start_copies_old_rows_into_grown_tables():
 def test_a_lower_is_better_metric_gains_by_dropping():
     from adrec.feedback.retrain import decide
 
-    assert decide({"logloss": 0.30}, {"logloss": 0.32}, "logloss", 0.0) == {"metric": "logloss", "gain": pytest.approx(0.02), "margin": 0.0, "promote": True}
+    assert decide({"logloss": 0.30}, {"logloss": 0.32}, "logloss", 0.0) == {
+        "metric": "logloss",
+        "gain": pytest.approx(0.02),
+        "margin": 0.0,
+        "promote": True,
+    }
     assert not decide({"logloss": 0.33}, {"logloss": 0.32}, "logloss", 0.0)["promote"]
 
 

@@ -21,9 +21,9 @@ from ray.exceptions import ActorDiedError
 
 from adrec import export
 from adrec.ads import AdUpdate
+from adrec.features import OOV, FeatureMap
 from adrec.feedback.compact import run_compaction
 from adrec.feedback.tokens import Impression, Signer
-from adrec.features import OOV, FeatureMap
 from adrec.recommend import FeatureBuilder, UserQuery, UserStore, feature_builder, user_key
 from adrec.runtime import wait_until_ok
 from serve.app import build_app, shutdown
@@ -345,7 +345,9 @@ def test_a_bad_update_already_in_the_log_is_skipped_reported_and_the_app_keeps_s
         assert httpx.post(f"{app_url}/recommend", json={"user_id": f"after-poison-{i}", "k": 3}, timeout=30).status_code == 200
     # The log goes on: a good ad after the bad one is indexed, in the row every replica agrees on.
     size = info["index"]["size"]
-    answer = put_ad(app_url, "after-poison-ad", campaign_id="after-poison", bid=1.0, attributes=top_ad_attributes(tiny_run, next(iter(known_ads(tiny_run)))))
+    answer = put_ad(
+        app_url, "after-poison-ad", campaign_id="after-poison", bid=1.0, attributes=top_ad_attributes(tiny_run, next(iter(known_ads(tiny_run))))
+    )
     assert answer.status_code == 200 and answer.json()["index_size"] == size + 1, answer.text
 
 
@@ -468,8 +470,11 @@ def test_feedback_needs_a_valid_token_for_the_same_user(app_url):
     click = {"event_id": "fb-click-1", "event": "click", "user_id": "fb-user", "token": ad["token"]}
     assert feedback(app_url, [click]).json() == {"accepted": 1}
     payload, mac = ad["token"].split(".")
-    edited = Signer(b"another-secret-of-enough-length", TOKEN_TTL_S).sign(
-        Impression("r", user_key("fb-user"), "a-expensive", "v", time.time())).split(".")[0]
+    edited = (
+        Signer(b"another-secret-of-enough-length", TOKEN_TTL_S)
+        .sign(Impression("r", user_key("fb-user"), "a-expensive", "v", time.time()))
+        .split(".")[0]
+    )
     expired = Signer(SECRET.encode(), TOKEN_TTL_S).sign(Impression("r", user_key("fb-user"), ad["ad_id"], "v", time.time() - 2 * TOKEN_TTL_S))
     for token, reason in [(f"{edited}.{mac}", "invalid"), (expired, "expired"), ("garbage", "malformed")]:
         answer = feedback(app_url, [click, {**click, "event_id": "fb-bad", "token": token}])
@@ -612,8 +617,17 @@ def test_build_app_says_why_the_app_cannot_start(tiny_run, tmp_path, monkeypatch
 def fuzz_app_url(app_url, tiny_run, tmp_path):
     """A second app in the same Serve instance, so the fuzzer's ads and campaigns stay out of the other tests' app."""
     none = {"num_cpus": 0}  # beside the main app's replicas on two cores
-    args = AppArgs(model_dir=tiny_run["cfg"].paths.models_dir, admin_token=TOKEN, feedback_dir=str(tmp_path / "feedback"),
-                   feedback_secret=SECRET, deadline_ms=5_000, ingress=none, user_encoder=none, ad_index=none, ranker=none)
+    args = AppArgs(
+        model_dir=tiny_run["cfg"].paths.models_dir,
+        admin_token=TOKEN,
+        feedback_dir=str(tmp_path / "feedback"),
+        feedback_secret=SECRET,
+        deadline_ms=5_000,
+        ingress=none,
+        user_encoder=none,
+        ad_index=none,
+        ranker=none,
+    )
     serve.run(build_app(args), name="fuzz", route_prefix="/fuzz", logging_config={"enable_access_log": False})
     yield f"{app_url}/fuzz"
     shutdown("fuzz")
@@ -622,9 +636,30 @@ def fuzz_app_url(app_url, tiny_run, tmp_path):
 def test_a_schema_driven_fuzzer_finds_no_server_error_schema_violation_or_undocumented_status(fuzz_app_url, tmp_path):
     """schemathesis over every operation with the admin token, every check; bounded to 75 s of fuzzing."""
     config = Path(__file__).parent / "schemathesis.toml"
-    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{fuzz_app_url}/openapi.json",
-               "--url", fuzz_app_url, "--checks", "all", "--header", f"Authorization: Bearer {TOKEN}", "--max-examples", "15",
-               "--max-time", "75", "--seed", "20261202", "--request-timeout", "20", "--no-color"]
+    command = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "--config-file",
+        str(config),
+        "run",
+        f"{fuzz_app_url}/openapi.json",
+        "--url",
+        fuzz_app_url,
+        "--checks",
+        "all",
+        "--header",
+        f"Authorization: Bearer {TOKEN}",
+        "--max-examples",
+        "15",
+        "--max-time",
+        "75",
+        "--seed",
+        "20261202",
+        "--request-timeout",
+        "20",
+        "--no-color",
+    ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0 and "No issues found" in run.stdout and "6/6" in run.stdout, fuzz_findings(run.stdout) + run.stderr[-2000:]
 

@@ -14,8 +14,12 @@ def test_two_rounds_feed_back_retrain_and_swap_the_served_version(tiny_run):
     from serve import launch
 
     cfg = compose_config(
-        Path(tiny_run["cfg"].run_dir), f"serve.port={free_port()}",
-        "simulate.rounds=2", "simulate.views_per_round=150", "retrain.epochs=1", "retrain.margin=-1e9",  # always promote: a 1-epoch challenger on 500 rows may lose by a lot
+        Path(tiny_run["cfg"].run_dir),
+        f"serve.port={free_port()}",
+        "simulate.rounds=2",
+        "simulate.views_per_round=150",
+        "retrain.epochs=1",
+        "retrain.margin=-1e9",  # always promote: a 1-epoch challenger on 500 rows may lose by a lot
     )
     serving = (Path(cfg.paths.models_dir) / "LATEST").read_text().strip()  # other tests may have exported since
     result = launch.run_simulation(cfg)  # what jobs/simulate.py runs

@@ -143,11 +143,12 @@ def write_movielens(directory: Path) -> None:
     """u.data, u.item and u.user in MovieLens 100K's formats (u.item is latin-1)."""
     rng = np.random.default_rng(2)
     directory.mkdir()
-    ratings = [f"{u}\t{m}\t{rng.integers(1, 6)}\t{880000000 + 1000 * i}" for i, (u, m) in
-               enumerate((u, m) for u in range(1, 21) for m in rng.choice(np.arange(1, 31), 12, replace=False))]
+    ratings = [
+        f"{u}\t{m}\t{rng.integers(1, 6)}\t{880000000 + 1000 * i}"
+        for i, (u, m) in enumerate((u, m) for u in range(1, 21) for m in rng.choice(np.arange(1, 31), 12, replace=False))
+    ]
     (directory / "u.data").write_text("\n".join(ratings) + "\n")
-    items = [f"{m}|Film {m} (199{m % 10})|01-Jan-199{m % 10}||http://x|" + "|".join(str(int(g == m % 19)) for g in range(19))
-             for m in range(1, 31)]
+    items = [f"{m}|Film {m} (199{m % 10})|01-Jan-199{m % 10}||http://x|" + "|".join(str(int(g == m % 19)) for g in range(19)) for m in range(1, 31)]
     items[0] = items[0].replace("Film 1", "Amélie")
     (directory / "u.item").write_bytes(("\n".join(items) + "\n").encode("latin-1"))
     users = [f"{u}|{20 + u}|{'MF'[u % 2]}|student|{10000 + u}" for u in range(1, 21)]

@@ -234,9 +234,7 @@ class Marketplace:
         # Without a cap nothing needs remembering, so nothing is.
         self.log = ImpressionLog(frequency_cap, sweep_every, sweep_size) if frequency_cap is not None else None
 
-    def upsert_campaign(
-        self, campaign_id: str, budget: float | None = None, targeting: Mapping[str, Collection[str]] | None = None
-    ) -> Campaign:
+    def upsert_campaign(self, campaign_id: str, budget: float | None = None, targeting: Mapping[str, Collection[str]] | None = None) -> Campaign:
         """Creates or updates a campaign. On update, None leaves budget or targeting as it is;
         targeting {} lifts every restriction. Spend is kept. Returns a copy."""
         if not isinstance(campaign_id, str) or not campaign_id:
@@ -366,5 +364,6 @@ class Marketplace:
         if self.charge_per_impression == "expected_cpc":
             campaign.spend += candidate.expected_cpi
         pctr, bid = float(candidate.pctr), float(candidate.bid)  # plain floats out, whatever numeric type came in
-        return Winner(ad_id=candidate.ad_id, campaign_id=candidate.campaign_id, pctr=pctr, bid=bid,
-                      ecpm=1000.0 * candidate.expected_cpi, propensity=propensity)
+        return Winner(
+            ad_id=candidate.ad_id, campaign_id=candidate.campaign_id, pctr=pctr, bid=bid, ecpm=1000.0 * candidate.expected_cpi, propensity=propensity
+        )

@@ -34,4 +34,3 @@ class Shortlist:
             )
             for i in range(start, min(stop, len(self)))
         ]
-

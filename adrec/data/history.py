@@ -151,9 +151,7 @@ def _follows(events: pa.Table, kind: str) -> pa.Array:
     return events.filter(pc.equal(events["event"], kind))["impression_id"].combine_chunks()
 
 
-def build_examples(
-    events: pa.Table, history_length: int, split: SplitRule, label_rule: LabelRule | None, seed: int = 0
-) -> pa.Table:
+def build_examples(events: pa.Table, history_length: int, split: SplitRule, label_rule: LabelRule | None, seed: int = 0) -> pa.Table:
     """One example per impression (event log) or per row (labelled rows), with ``label``,
     ``history`` (when the log has users and ads), ``split``, and every other column kept."""
     if "event" in events.column_names:

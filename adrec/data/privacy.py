@@ -31,7 +31,5 @@ def pseudonymize(values: pa.Array | pa.ChunkedArray, key: bytes) -> pa.Array:
         values = values.combine_chunks()
     values = pc.cast(values, pa.string())
     unique = pc.unique(values.drop_null())
-    mapped = pa.array(
-        ["p" + hmac.new(key, v.encode(), hashlib.sha256).hexdigest()[:24] for v in unique.to_pylist()], pa.string()
-    )
+    mapped = pa.array(["p" + hmac.new(key, v.encode(), hashlib.sha256).hexdigest()[:24] for v in unique.to_pylist()], pa.string())
     return mapped.take(pc.index_in(values, value_set=unique))

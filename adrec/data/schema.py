@@ -73,7 +73,4 @@ def check_columns(names: list[str], required: list[str] | tuple[str, ...], what:
     """Raise a ValueError naming every required column missing from ``names``."""
     missing = [name for name in required if name not in names]
     if missing:
-        raise ValueError(
-            f"{what} is missing column(s) {missing}; it has {list(names)}. "
-            "Rename the columns in the source or fix the data path."
-        )
+        raise ValueError(f"{what} is missing column(s) {missing}; it has {list(names)}. Rename the columns in the source or fix the data path.")

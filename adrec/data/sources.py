@@ -49,7 +49,7 @@ class SourceSpec:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "SourceSpec":
+    def from_config(cls, cfg: dict) -> SourceSpec:
         csv = dict(cfg.get("csv") or {})
         fmt = cfg.get("format", "parquet")
         if fmt not in ("parquet", "csv", "json"):
@@ -138,15 +138,17 @@ def parse_csv_lines(batch: pa.Table, names: list[str], delimiter: str) -> pa.Tab
         bad.append(row.text)
         return "skip"
 
-    table = pacsv.read_csv(
-        io.BytesIO("\n".join(lines).encode()),
-        read_options=pacsv.ReadOptions(column_names=names),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=keep_bad, newlines_in_values=False),
-        # Only an empty field is missing: "nan", "NULL" or "N/A" reach validation as written.
-        convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names}, strings_can_be_null=True, null_values=[""]
-        ),
-    ) if lines else pa.table({n: pa.array([], pa.string()) for n in names})
+    table = (
+        pacsv.read_csv(
+            io.BytesIO("\n".join(lines).encode()),
+            read_options=pacsv.ReadOptions(column_names=names),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=keep_bad, newlines_in_values=False),
+            # Only an empty field is missing: "nan", "NULL" or "N/A" reach validation as written.
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=True, null_values=[""]),
+        )
+        if lines
+        else pa.table({n: pa.array([], pa.string()) for n in names})
+    )
     table = table.append_column(RAW_LINE, pa.nulls(table.num_rows, pa.string()))
     if bad:
         rejected = pa.table({**{n: pa.nulls(len(bad), pa.string()) for n in names}, RAW_LINE: pa.array(bad, pa.string())})

@@ -26,7 +26,7 @@ class Platt:
         return sigmoid(self.a * np.asarray(logits, np.float64) + self.b)
 
     @classmethod
-    def fit(cls, logits: np.ndarray, labels: np.ndarray, iterations: int = 100) -> "Platt":
+    def fit(cls, logits: np.ndarray, labels: np.ndarray, iterations: int = 100) -> Platt:
         """Minimise the log loss of sigmoid(a x + b) by Newton's method (a 2x2 system per step).
 
         Two safeguards from Platt (1999) and Lin et al. (2007), without which a few hundred
@@ -63,7 +63,7 @@ class Platt:
         Path(path).write_text(json.dumps({"format": FORMAT, "method": "platt", **asdict(self)}) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Platt":
+    def load(cls, path: str | Path) -> Platt:
         data = json.loads(Path(path).read_text())
         if data.get("format") != FORMAT:
             raise ValueError(f"{path} is not an adrec calibration (format {data.get('format')!r})")

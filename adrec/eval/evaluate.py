@@ -178,7 +178,9 @@ def user_retrieval(
     users = np.unique(positives["user_key"].to_numpy())[:limit]
     history_columns = ["user_key", "raw_ad_id", "label", "ts"]
     train = pq.read_table(prepared / "train", columns=history_columns)
-    seen_tables = pa.concat_tables([train.select(["user_key", "raw_ad_id"]), pq.read_table(prepared / "validation", columns=["user_key", "raw_ad_id"])])
+    seen_tables = pa.concat_tables(
+        [train.select(["user_key", "raw_ad_id"]), pq.read_table(prepared / "validation", columns=["user_key", "raw_ad_id"])]
+    )
     relevant, seen = rows_by_user(positives, users, catalog_ids), rows_by_user(seen_tables, users, catalog_ids)
     user = user_queries(model, feature_map, test, train, users, catalog).numpy()
     k_max = max(max(ks), max(CURVE_KS))
@@ -209,8 +211,16 @@ def fit_calibration(model, prepared: Path, catalog_ids: pa.Array) -> Platt:
     return Platt.fit(scored["logit"], scored["label"])
 
 
-def evaluate(trained: TrainResult, prepared: Path, eval_dir: Path, *, ks: list[int], max_retrieval_queries: int,
-             protocol: str = "impression", calibration: dict | None = None) -> EvalReport:
+def evaluate(
+    trained: TrainResult,
+    prepared: Path,
+    eval_dir: Path,
+    *,
+    ks: list[int],
+    max_retrieval_queries: int,
+    protocol: str = "impression",
+    calibration: dict | None = None,
+) -> EvalReport:
     """Evaluate ``trained``'s best checkpoint on ``prepared``'s test split; write ``metrics.json``,
     ``calibration.json`` and plots into ``eval_dir``.
 
@@ -240,14 +250,16 @@ def evaluate(trained: TrainResult, prepared: Path, eval_dir: Path, *, ks: list[i
             retrieval = user_retrieval(model, feature_map, prepared, catalog, ad_matrix, popularity, ks, max_retrieval_queries)
         else:
             retrieval = impression_retrieval(scored, ad_matrix, popularity, sorted(set(ks) | set(CURVE_KS)), max_retrieval_queries)
-    metrics = finite_or_none({
-        **ranking_report(scored, platt, popularity),
-        **retrieval,
-        "retrieval_protocol": protocol if retrieval else None,
-        "test_examples": int(len(scored["label"])),
-        "test_clicks": int((scored["label"] > 0.5).sum()),
-        "num_ads": int(len(catalog_ids)),
-    })
+    metrics = finite_or_none(
+        {
+            **ranking_report(scored, platt, popularity),
+            **retrieval,
+            "retrieval_protocol": protocol if retrieval else None,
+            "test_examples": int(len(scored["label"])),
+            "test_clicks": int((scored["label"] > 0.5).sum()),
+            "num_ads": int(len(catalog_ids)),
+        }
+    )
     report = EvalReport(checkpoint=checkpoint, calibration={"method": "platt", "a": platt.a, "b": platt.b}, metrics=metrics)
     report.plots = save_plots(eval_dir, trained.epochs, report.to_json(), scored["label"], platt(scored["logit"]), CURVE_KS)
     report.save(eval_dir)

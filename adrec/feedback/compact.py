@@ -79,8 +79,13 @@ def impression_row(record: dict, columns: list[str]) -> dict:
 
 
 def response_row(record: dict, columns: list[str]) -> dict:
-    return {**impression_row(record, columns), "event_id": record["event_id"], "ts": datetime.fromtimestamp(record["ts"], timezone.utc),
-            "event": record["event"], "impression_id": record["impression_id"]}
+    return {
+        **impression_row(record, columns),
+        "event_id": record["event_id"],
+        "ts": datetime.fromtimestamp(record["ts"], timezone.utc),
+        "event": record["event"],
+        "impression_id": record["impression_id"],
+    }
 
 
 PROPENSITIES = pa.schema(
@@ -126,9 +131,7 @@ def split_rows(records: list[dict], already: set[str], window_s: float, columns:
     return rows, late, served, counts
 
 
-def run_compaction(
-    feedback_dir: str | Path, raw_dir: str | Path, attribution_window_s: float, context: Sequence[str] = ()
-) -> dict:
+def run_compaction(feedback_dir: str | Path, raw_dir: str | Path, attribution_window_s: float, context: Sequence[str] = ()) -> dict:
     """Compact every uncompacted segment of ``feedback_dir`` into ``raw_dir/events/``; return the counts.
 
     ``context``: the log's context columns (the data config's), written into every partition.

@@ -61,7 +61,7 @@ class RetrainOptions:
     admin_token_env: str
 
     @classmethod
-    def from_config(cls, section: dict) -> "RetrainOptions":
+    def from_config(cls, section: dict) -> RetrainOptions:
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(section) - set(names))
         missing = sorted(set(names) - set(section))
@@ -121,20 +121,22 @@ def champion_as_served(checkpoint: str, model_config: dict, grown_map: Path, out
     with torch.no_grad():
         for name in load_grown(model, weights):
             table = model.state_dict()[name]
-            table[weights[name].shape[0]:] = table[OOV]  # what the champion answers for an id it never saw
+            table[weights[name].shape[0] :] = table[OOV]  # what the champion answers for an id it never saw
     save_checkpoint(model, out, grown_map)
     return str(out)
 
 
-def challenge(inputs: Inputs, prepared: Path, work: Path, model: dict, champion_checkpoint: str, name: str, calibration: dict | None,
-              epochs: int) -> dict:
+def challenge(
+    inputs: Inputs, prepared: Path, work: Path, model: dict, champion_checkpoint: str, name: str, calibration: dict | None, epochs: int
+) -> dict:
     """Train a challenger warm-started from the champion, and score both on the fresh holdout."""
     trainer = replace(inputs.trainer, resume_from=champion_checkpoint, epochs=epochs, storage_path=str(work / name / "train"))
     trained = driver.train(prepared, work / name / "train", model, trainer, inputs.seed)
     challenger = evaluate.evaluate(trained, prepared, work / name / "eval", **inputs.evaluate)
     served = champion_as_served(champion_checkpoint, model, prepared / FEATURE_MAP, work / f"{name}_champion" / "checkpoint")
-    champion = evaluate.evaluate(TrainResult.of_checkpoint(served), prepared, work / f"{name}_champion" / "eval", calibration=calibration,
-                                 **inputs.evaluate)
+    champion = evaluate.evaluate(
+        TrainResult.of_checkpoint(served), prepared, work / f"{name}_champion" / "eval", calibration=calibration, **inputs.evaluate
+    )
     return {"challenger": challenger, "champion": champion, "trained": trained}
 
 
@@ -143,8 +145,7 @@ def hot_swap(url: str, token_env: str, version: str) -> dict:
     token = os.environ.get(token_env)
     if not token:
         return {"reloaded": False, "reason": f"no admin token in ${token_env}"}
-    answer = httpx.post(f"{url.rstrip('/')}/admin/reload", json={"version": version},
-                        headers={"Authorization": f"Bearer {token}"}, timeout=300)
+    answer = httpx.post(f"{url.rstrip('/')}/admin/reload", json={"version": version}, headers={"Authorization": f"Bearer {token}"}, timeout=300)
     return {"reloaded": answer.status_code == 200, "status": answer.status_code, "answer": answer.json()}
 
 
@@ -158,8 +159,15 @@ def run(cfg, serve_url: str | None = None) -> dict:
     inputs = Inputs(OmegaConf.to_container(cfg.data, resolve=True), trainer_options(cfg, cfg.paths.train_dir), evaluate_options(cfg), int(cfg.seed))
     champion_dir = resolve_model_dir(resolve(options.champion or cfg.paths.models_dir))
     work = Path(resolve(cfg.run_dir)) / "retrain" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    report = retrain(champion_dir, Path(resolve(cfg.paths.raw_dir)) / "events", work, Path(resolve(cfg.paths.models_dir)), inputs, options,
-                     OmegaConf.to_container(cfg, resolve=True))
+    report = retrain(
+        champion_dir,
+        Path(resolve(cfg.paths.raw_dir)) / "events",
+        work,
+        Path(resolve(cfg.paths.models_dir)),
+        inputs,
+        options,
+        OmegaConf.to_container(cfg, resolve=True),
+    )
     report["compaction"] = compaction
     write_json(work / "report.json", report)
     return report
@@ -176,8 +184,10 @@ def retrain(champion_dir: Path, events_dir: Path, work: Path, models_dir: Path, 
     new_times = new_impression_times(events_dir, seen_until)
     report["new_impressions"] = len(new_times)
     if len(new_times) < options.min_new_impressions:
-        report["decision"] = {"promote": False, "reason": f"{len(new_times)} impressions are new to the champion; "
-                                                          f"retrain.min_new_impressions is {options.min_new_impressions}"}
+        report["decision"] = {
+            "promote": False,
+            "reason": f"{len(new_times)} impressions are new to the champion; retrain.min_new_impressions is {options.min_new_impressions}",
+        }
         return report
 
     prepared = work / "prepared"
@@ -186,11 +196,29 @@ def retrain(champion_dir: Path, events_dir: Path, work: Path, models_dir: Path, 
     report["prepare"] = {k: v for k, v in prepared_report.to_json().items() if k in ("splits", "split", "vocabulary_sizes")}
 
     lineage = manifest["lineage"]
-    models = {"towers": challenge(inputs, prepared, work, trained_with["model"], lineage["checkpoint"], "towers",
-                                  served_calibration(champion_dir, ranker=False), options.epochs)}
+    models = {
+        "towers": challenge(
+            inputs,
+            prepared,
+            work,
+            trained_with["model"],
+            lineage["checkpoint"],
+            "towers",
+            served_calibration(champion_dir, ranker=False),
+            options.epochs,
+        )
+    }
     if lineage.get("ranker_checkpoint"):  # trained with the champion, shipped or not
-        models["ranker"] = challenge(inputs, prepared, work, trained_with["ranker"]["model"], lineage["ranker_checkpoint"], "ranker",
-                                     served_calibration(champion_dir, ranker=True), options.epochs)
+        models["ranker"] = challenge(
+            inputs,
+            prepared,
+            work,
+            trained_with["ranker"]["model"],
+            lineage["ranker_checkpoint"],
+            "ranker",
+            served_calibration(champion_dir, ranker=True),
+            options.epochs,
+        )
     for name, scored in models.items():
         report[name] = {side: pick(scored[side]) for side in ("challenger", "champion")}
     champion_serves, challenger_serves, report["ranker_choice"] = served_models(champion_dir, models, options.ranker_ship)
@@ -240,7 +268,11 @@ def promote(models: dict, prepared: Path, models_dir: Path, trained_with: dict, 
     """Export the challenger (towers, and the ranker when retrained: export decides whether it
     ships) as the registry's new LATEST; its manifest records the models it was trained as."""
     ranker = (models["ranker"]["trained"], models["ranker"]["challenger"]) if "ranker" in models else None
-    config = {**config, "model": trained_with["model"], "ranker": {**config.get("ranker", {}), "model": (trained_with.get("ranker") or {}).get("model")}}
+    config = {
+        **config,
+        "model": trained_with["model"],
+        "ranker": {**config.get("ranker", {}), "model": (trained_with.get("ranker") or {}).get("model")},
+    }
     towers = models["towers"]
     version = export.export(towers["trained"], towers["challenger"], prepared, models_dir, config, ranker=ranker, ship=ranker_ship)
     return {key: version.to_json()[key] for key in ("version", "model_dir", "ranker", "ranker_choice")}

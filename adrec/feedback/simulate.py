@@ -67,7 +67,9 @@ def draw_views(world, views: int, rng: np.random.Generator) -> tuple[np.ndarray,
 def truth_matrix(world, generator: GeneratorConfig, users: np.ndarray, slots: np.ndarray) -> np.ndarray:
     """(V, A) true click probability of every ad in each page view of ``users`` (V,) in ``slots`` (V,)."""
     ads = np.arange(len(world.ad_weight))
-    return click_probability(world, generator, np.repeat(users, len(ads)), np.tile(ads, len(users)), np.repeat(slots, len(ads))).reshape(len(users), len(ads))
+    return click_probability(world, generator, np.repeat(users, len(ads)), np.tile(ads, len(users)), np.repeat(slots, len(ads))).reshape(
+        len(users), len(ads)
+    )
 
 
 def ad_rows(world) -> dict[str, int]:
@@ -121,8 +123,14 @@ def play_round(app: App, world, generator: GeneratorConfig, views: int, k: int, 
             if clicks[v, j]:
                 events.append({**base, "event_id": f"r{round_}-v{v}-{j}-click", "event": "click"})
     app.feedback(events)
-    return {"users": users, "slots": slots, "chosen": chosen, "served_pctr": served_pctr, "clicks": clicks,
-            "versions": {a["model_version"] for a in answers}}
+    return {
+        "users": users,
+        "slots": slots,
+        "chosen": chosen,
+        "served_pctr": served_pctr,
+        "clicks": clicks,
+        "versions": {a["model_version"] for a in answers},
+    }
 
 
 def round_report(round_: int, played: dict, world, generator: GeneratorConfig, popular: np.ndarray, k: int, rng) -> dict:
@@ -159,8 +167,13 @@ def plot(rounds: list[dict], path: Path) -> None:
     x = [r["round"] for r in rounds]
     fig, (ctr, revenue) = plt.subplots(1, 2, figsize=(12, 3.8))
     # One colour per policy in both panels; revenue has no max-CTR line.
-    policies = [("", "adrec (served)", "C0"), ("oracle_", "oracle (eCPM order, true pCTR)", "C1"), ("max_", "top k by true pCTR", "C2"),
-                ("popularity_", "popularity", "C3"), ("random_", "random", "C4")]
+    policies = [
+        ("", "adrec (served)", "C0"),
+        ("oracle_", "oracle (eCPM order, true pCTR)", "C1"),
+        ("max_", "top k by true pCTR", "C2"),
+        ("popularity_", "popularity", "C3"),
+        ("random_", "random", "C4"),
+    ]
     for prefix, label, colour in policies:
         ctr.plot(x, [r[f"{prefix}ctr"] for r in rounds], marker="o", label=label, color=colour)
         if prefix != "max_":
@@ -208,10 +221,18 @@ def run(cfg, app_url: str, report_dir: Path) -> dict:
         print(f"== round {round_}: {json.dumps({key: rounds[-1][key] for key in PRINTED})}", flush=True)
         if round_ < int(cfg.simulate.rounds):
             report = retrain.run(cfg, serve_url=app_url)
-            retrains.append({"round": round_, **{key: report.get(key) for key in ("new_impressions", "decision", "towers", "ranker", "exported", "serve")}})
+            retrains.append(
+                {"round": round_, **{key: report.get(key) for key in ("new_impressions", "decision", "towers", "ranker", "exported", "serve")}}
+            )
         rounds[-1]["seconds"] = round(time.time() - started, 1)
-    result = {"rounds": rounds, "retrains": retrains, "final_ctr_over_oracle": rounds[-1]["ctr_over_oracle"],
-              "views_per_round": int(cfg.simulate.views_per_round), "k": k, "explore": float(cfg.simulate.explore)}
+    result = {
+        "rounds": rounds,
+        "retrains": retrains,
+        "final_ctr_over_oracle": rounds[-1]["ctr_over_oracle"],
+        "views_per_round": int(cfg.simulate.views_per_round),
+        "k": k,
+        "explore": float(cfg.simulate.explore),
+    }
     plot(rounds, Path(report_dir) / "simulate.png")
     write_json(Path(report_dir) / "simulate.json", result)
     return result

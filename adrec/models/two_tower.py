@@ -23,9 +23,7 @@ class TwoTower(nn.Module):
         self.ad_tower = ad_tower
         self.logit_bias = nn.Parameter(torch.zeros(()))
 
-    def forward(
-        self, features: dict[str, torch.Tensor], return_embeddings: bool = False, negatives: dict[str, torch.Tensor] | None = None
-    ):
+    def forward(self, features: dict[str, torch.Tensor], return_embeddings: bool = False, negatives: dict[str, torch.Tensor] | None = None):
         """Click logits (B,); with ``return_embeddings`` also U (B, D) and V (B + M, D), V's last M
         rows from the ad features ``negatives`` (M rows). Training goes through here, not the
         towers, so that DistributedDataParallel sees every forward pass."""

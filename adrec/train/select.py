@@ -65,6 +65,12 @@ def select(prepared: Path, train_dir: Path, model: dict, encoders: list[str], tr
 def run(cfg) -> dict:
     """jobs/select_model.py: every encoder of ``cfg.select.encoders`` on ``paths.prepared_dir``."""
     init_ray_from(cfg)
-    selection, _ = select(Path(resolve(cfg.paths.prepared_dir)), Path(resolve(cfg.paths.train_dir)), OmegaConf.to_container(cfg.model, resolve=True),
-                          list(cfg.select.encoders), trainer_options(cfg, cfg.paths.train_dir), int(cfg.seed))
+    selection, _ = select(
+        Path(resolve(cfg.paths.prepared_dir)),
+        Path(resolve(cfg.paths.train_dir)),
+        OmegaConf.to_container(cfg.model, resolve=True),
+        list(cfg.select.encoders),
+        trainer_options(cfg, cfg.paths.train_dir),
+        int(cfg.seed),
+    )
     return selection.to_json()
