@@ -132,12 +132,12 @@ def export(
     return ModelVersion(version=version, model_dir=str(final), files=manifest["files"], ranker=ranker_model is not None, ranker_choice=ranker_choice)
 
 
-def trained_ranker(cfg) -> tuple[TrainResult, EvalReport] | None:
-    """The trained and evaluated ranker of ``cfg.ranker``'s folders, or None when none was trained."""
-    if not cfg.get("ranker") or not cfg.ranker.enabled or not (Path(resolve(cfg.ranker.train_dir)) / TrainResult.FILE).is_file():
+def trained_ranker(train_dir: Path, eval_dir: Path) -> tuple[TrainResult, EvalReport] | None:
+    """The ranker trained into ``train_dir`` and evaluated into ``eval_dir``, or None when none was trained."""
+    if not (train_dir / TrainResult.FILE).is_file():
         return None
-    evaluated = EvalReport.from_json(read_json(require(Path(resolve(cfg.ranker.eval_dir)) / EvalReport.FILE, "jobs/evaluate.py for the ranker")))
-    return TrainResult.load(resolve(cfg.ranker.train_dir)), evaluated
+    evaluated = EvalReport.from_json(read_json(require(eval_dir / EvalReport.FILE, "jobs/evaluate.py for the ranker")))
+    return TrainResult.load(train_dir), evaluated
 
 
 def run(cfg) -> dict:
@@ -148,7 +148,7 @@ def run(cfg) -> dict:
         Path(resolve(cfg.paths.prepared_dir)),
         Path(resolve(cfg.paths.models_dir)),
         OmegaConf.to_container(cfg, resolve=True),
-        ranker=trained_ranker(cfg),
+        ranker=trained_ranker(Path(resolve(cfg.ranker.train_dir)), Path(resolve(cfg.ranker.eval_dir))) if cfg.ranker.enabled else None,
         ship=str(cfg.ranker.get("ship", "always")),
     )
     return version.to_json()

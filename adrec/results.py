@@ -149,7 +149,16 @@ def finite_or_none(metrics: dict) -> dict:
 
 @dataclass
 class ModelVersion(_Json):
-    """An exported version: ``<models_dir>/<version>/`` with its manifest (see adrec.registry)."""
+    """An exported version: ``<models_dir>/<version>/`` (its files are listed in adrec.registry).
+
+    Its ``manifest.json`` holds: format, version, created_at, config (the resolved config it was
+    trained with: retraining rebuilds ``config.model`` and ``config.ranker.model``), lineage
+    {checkpoint, ranker_checkpoint (kept even when the ranker does not ship), ranker_choice,
+    train_run, prepared_dir, prepare_report (this prepared folder's PrepareReport)}, and files
+    {name: sha256}, checked before anything loads. ``model.json``: format, version, logit_bias,
+    embedding_dim, calibration {method, a, b} of the towers' pCTR, ranker (null, or its
+    calibration and auc). ``metrics.json``: the towers' EvalReport.
+    """
 
     version: str
     model_dir: str

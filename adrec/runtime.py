@@ -35,6 +35,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
 
 
 def init_ray_from(cfg) -> None:
+    """The job adapters' start: ``init_ray`` with the ``ray`` group of their config (all it reads)."""
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.get("object_store_mb"))
 
 

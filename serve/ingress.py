@@ -12,8 +12,6 @@ Validation beyond pydantic, token signing and feedback records are adrec's (adre
 adrec.recommend, adrec.feedback.ingest); this module only routes and awaits.
 """
 
-from __future__ import annotations
-
 import asyncio
 import hmac
 import logging

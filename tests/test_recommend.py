@@ -38,11 +38,15 @@ def test_the_exported_version_ships_the_dcn_ranker_and_its_calibration(tiny_run)
 )
 def test_the_ranker_ships_only_when_it_validates_better_than_the_towers(ranker, towers, mode, ships):
     from adrec.export import ships_ranker
+    from adrec.results import TrainResult
 
-    shipped, why = ships_ranker({"best": {"val_logloss": towers}}, {"best": {"val_logloss": ranker}}, mode)
+    def trained(logloss):
+        return TrainResult(best_checkpoint="ckpt", best={"val_logloss": logloss})
+
+    shipped, why = ships_ranker(trained(towers), trained(ranker), mode)
     assert shipped is ships and why
     with pytest.raises(ValueError, match="ranker.ship must be one of"):
-        ships_ranker({"best": {}}, {"best": {}}, "sometimes")
+        ships_ranker(TrainResult.of_checkpoint("a"), TrainResult.of_checkpoint("b"), "sometimes")
 
 
 def test_ranker_pctr_depends_on_the_user_and_the_ad(local):

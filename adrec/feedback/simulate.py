@@ -74,7 +74,7 @@ def truth_matrix(world, generator: GeneratorConfig, users: np.ndarray, slots: np
 
 def ad_rows(world) -> dict[str, int]:
     """{ad id: the world's row of that ad}: how served ads are looked up in the truth."""
-    return {ad_id: row for row, ad_id in enumerate(world.ads["ad_id"])}
+    return {ad_id: row for row, ad_id in enumerate(world.ads["ad_id"].to_pylist())}
 
 
 def popular_ads(raw_dir: Path, rows: dict[str, int]) -> np.ndarray:

@@ -12,7 +12,8 @@ refuses, naming the key:
     config an exported model stores (retraining rebuilds its champion from it), so building one
     must never import or call anything but adrec's own components.
 Defaults have one home each: a model builder has none (its conf/model/*.yaml states every
-option), an options dataclass holds its own (conf/model/user_encoder/*.yaml only names it).
+option), an options dataclass holds its own (conf/model/user_encoder/*.yaml lists the same
+values so that they can be overridden; a test keeps the two equal).
 """
 
 from __future__ import annotations
