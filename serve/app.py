@@ -8,8 +8,8 @@ Start it with ``serve run serve/config.yaml`` or ``serve run serve.app:build_app
 from Python, ``serve.launch.start(AppArgs(...))``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: `serve run` validates the arguments against
+# build_app's annotation, which must be the AppArgs class itself, not the string "AppArgs".
 import logging
 import os
 from pathlib import Path

@@ -1,6 +1,7 @@
 """The Serve app on the tiny run's exported model, called over real HTTP."""
 
 import asyncio
+import inspect
 import shutil
 import subprocess
 import sys
@@ -523,6 +524,8 @@ def test_serve_config_yaml_is_a_valid_app():
     config = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config.yaml").read_text())
     (app,) = config["applications"]
     assert app["import_path"] == "serve.app:build_app"
+    # What `serve run` validates the args against: the class itself (a postponed string annotation passes a bare dict).
+    assert inspect.signature(build_app).parameters["args"].annotation is AppArgs
     AppArgs(**app["args"])  # unknown keys are errors, so a typo in the YAML fails here
     with pytest.raises(ValueError, match="max_replica"):
         AppArgs(**{**app["args"], "user_encoder": {"max_replica": 3}})
