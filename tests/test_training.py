@@ -72,6 +72,13 @@ def test_a_misspelled_trainer_option_is_named_before_ray_starts(tmp_path):
         driver.run(cfg)
 
 
+def test_a_misspelled_model_option_is_named_before_any_worker_starts(tmp_path):
+    """Nothing is prepared under tmp_path: the model config is checked before Ray or the data is looked for."""
+    cfg = compose_config(tmp_path, "model/user_encoder=attention", "+model.user_encoder.head=4")
+    with pytest.raises(ValueError, match=r"model\.user_encoder\.head is not an option .*did you mean model\.user_encoder\.heads"):
+        driver.run(cfg)
+
+
 def test_trainer_options_mirror_the_yaml_and_name_what_is_wrong(tmp_path):
     from omegaconf import OmegaConf
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,12 +15,13 @@ if TYPE_CHECKING:
     from adrec.train.losses import LossConfig
 
 
-def build_model(model_config: Mapping, feature_map: FeatureMap) -> tuple[nn.Module, LossConfig]:
-    """Build the ``model`` config (a ``_target_`` builder with ``_partial_: true``) for ``feature_map``.
+def model_builder(model_config: Mapping) -> tuple[Callable[[FeatureMap], nn.Module], LossConfig]:
+    """The checked builder of the ``model`` config (a ``_target_`` builder with ``_partial_: true``)
+    and its ``loss`` section as a LossConfig, which the training loop reads.
 
-    Returns the model and the config's ``loss`` section as a LossConfig, which the training loop
-    reads. Raises ConfigError (a ValueError) naming any unknown or missing option, at any depth,
-    and any target that is not one of adrec's components (adrec.models.components).
+    Raises ConfigError (a ValueError) naming any unknown or missing option, at any depth, and any
+    target that is not one of adrec's components (adrec.models.components). Builds no tables, so
+    the driver checks a config here before any worker starts.
     """
     # adrec.train.losses imports adrec.models.components, hence here and not at the top.
     from adrec.train.losses import LossConfig
@@ -29,4 +30,10 @@ def build_model(model_config: Mapping, feature_map: FeatureMap) -> tuple[nn.Modu
         model_config = OmegaConf.to_container(model_config, resolve=True)
     options = dict(model_config)
     loss = LossConfig.from_dict(options.pop("loss", None))
-    return instantiate(options, "model")(feature_map), loss
+    return instantiate(options, "model"), loss
+
+
+def build_model(model_config: Mapping, feature_map: FeatureMap) -> tuple[nn.Module, LossConfig]:
+    """The model of ``model_config`` for ``feature_map``, and its LossConfig (see ``model_builder``)."""
+    builder, loss = model_builder(model_config)
+    return builder(feature_map), loss

@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from adrec.data.sources import ParquetFiles, list_files
 from adrec.data.staging import parquet_rows
 from adrec.features import FeatureMap
+from adrec.models import model_builder
 from adrec.registry import check_grows_from, verify_manifest
 from adrec.results import TrainResult
 from adrec.runtime import init_ray_from, require, resolve
@@ -134,6 +135,7 @@ def training_datasets(prepared: Path, columns: list[str], stream_epochs: int, se
 def train(prepared_dir: Path, train_dir: Path, model: dict, trainer: TrainerOptions, seed: int) -> TrainResult:
     """Train ``model`` (a resolved model config) on ``prepared_dir``'s splits; write and return
     ``<train_dir>/result.json``: the best epoch's metrics and checkpoint, and every epoch's."""
+    model_builder(model)  # a misspelled model, encoder or loss option fails here, not in every worker
     prepared, train_dir = Path(resolve(prepared_dir)), Path(resolve(train_dir))
     feature_map_path = require(prepared / "feature_map.json", "jobs/prepare.py")
     columns = model_columns(FeatureMap.load(feature_map_path))
@@ -181,6 +183,7 @@ def run(cfg) -> dict:
     # Checked before Ray starts, so a misspelled option costs no cluster start-up.
     trainer = TrainerOptions.from_config(cfg.trainer)
     model = OmegaConf.to_container(cfg.model, resolve=True)
+    model_builder(model)
     init_ray_from(cfg)
     result = train(Path(resolve(cfg.paths.prepared_dir)), Path(resolve(cfg.paths.train_dir)), model, trainer, int(cfg.seed))
     return result.to_json()
