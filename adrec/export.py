@@ -103,7 +103,7 @@ def export(
             "format": MODEL_FORMAT,
             "version": version,
             "logit_bias": model.logit_bias.item(),
-            "embedding_dim": model.user_tower.config["output_dim"],
+            "embedding_dim": model.user_tower.width,
             # pCTR = sigmoid(a * (U . V + logit_bias) + b), fitted on the validation split by evaluation.
             "calibration": towers_eval.calibration,
             # The shortlist's pCTR = sigmoid(a * ranker logit + b) when a ranker ships; null: the towers' pCTR.

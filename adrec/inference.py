@@ -33,7 +33,7 @@ def embed(tower: nn.Module, rows: pa.Table, batch_size: int = 65_536) -> torch.T
     """Tower outputs for every row of an encoded table (ads.parquet or users.parquet): (N, D)."""
     names = tower.feature_names
     parts = [tower(to_features(rows.slice(start, batch_size), names)) for start in range(0, rows.num_rows, batch_size)]
-    return torch.cat(parts) if parts else torch.empty(0, tower.config["output_dim"])
+    return torch.cat(parts) if parts else torch.empty(0, tower.width)
 
 
 def catalog_lookups(catalog: pa.Table) -> dict[str, tuple[pa.Array, pa.Array]]:

@@ -61,6 +61,31 @@ def test_history_is_truncated_to_the_most_recent():
     assert rows["u1", "a4"]["history"] == ["a2"]
 
 
+def test_user_scope_gives_every_row_the_users_latest_training_clicks_but_its_own():
+    rated = pa.table(
+        {
+            "user_id": ["u1"] * 4 + ["u2"],
+            "ad_id": ["a1", "a2", "a3", "a4", "a1"],
+            "ts": pa.array([T0 + 60_000 * m for m in (0, 1, 2, 3, 0)], pa.int64()),
+            "label": [5, 5, 5, 5, 5],
+        }
+    )
+    split = SplitRule("per_user_random", train=1.0, validation=0.0)  # every row is training
+    rows = as_dict(build_examples(rated, history_length=2, split=split, label_rule=LabelRule(implicit=True), history_scope="user"))
+    assert rows["u1", "a1"]["history"] == ["a4", "a3"]  # later clicks too: the history is a set, not a past
+    assert rows["u1", "a4"]["history"] == ["a3", "a2"]  # its own ad left out, the next latest in
+    assert rows["u2", "a1"]["history"] == []
+
+
+def test_user_scope_refuses_a_time_split():
+    import pytest
+
+    from adrec.data.options import _history_scope
+
+    with pytest.raises(ValueError, match="history_scope=before"):
+        _history_scope("user", "time")
+
+
 def test_latest_history_per_user():
     clicks = LOG.filter(np.array(LOG["event"].to_pylist()) == "click")
     latest = dict(zip(*latest_history(clicks, history_length=5).to_pydict().values()))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from adrec.train.losses import LossConfig, candidate_log_q, in_batch_softmax
+from adrec.train.losses import LossConfig, candidate_log_q, catalog_rows_of_ids, full_softmax, in_batch_softmax
 
 
 def test_softmax_is_cross_entropy_over_the_batch_ads_for_positive_rows_only():
@@ -53,3 +53,18 @@ def test_no_positive_gives_zero_loss_with_a_gradient_path():
 def test_loss_config_rejects_all_zero_weights():
     with pytest.raises(ValueError, match="weights"):
         LossConfig.from_dict({"bce_weight": 0, "softmax_weight": 0})
+
+
+def test_full_softmax_is_cross_entropy_over_the_whole_catalog_for_rows_with_a_catalog_row():
+    torch.manual_seed(0)
+    user, catalog = torch.randn(3, 4), torch.randn(5, 4)
+    target = torch.tensor([2, -1, 4])  # the second row's ad has no catalog row of its own
+    positive = torch.tensor([True, True, False])
+    expected = torch.nn.functional.cross_entropy(user[:1] @ catalog.T, target[:1])
+    assert torch.allclose(full_softmax(user, catalog, target, positive), expected)
+
+
+def test_catalog_rows_of_ids_marks_shared_ids_as_having_none():
+    # ads 0 and 3 share id 1 (rare ads out of the vocabulary): neither is the target of that id
+    rows = catalog_rows_of_ids(torch.tensor([1, 2, 5, 1]), cardinality=7)
+    assert rows.tolist() == [-1, -1, 1, -1, -1, 2, -1]

@@ -43,6 +43,20 @@ def test_two_tower_logit_is_dot_product_plus_bias():
         assert torch.allclose(model(batch()), expected)
 
 
+def test_item_bias_adds_a_learned_scalar_per_ad_to_the_dot_product():
+    torch.manual_seed(0)
+    user = EmbeddingMLPTower({"user_id": 10}, {}, 8, [], 5, score_column="one").eval()
+    ad = EmbeddingMLPTower({"user_id": 10}, {}, 8, [], 5, score_column="bias:user_id").eval()
+    with torch.no_grad():
+        ad.id_bias.weight[3] = 2.0
+    features = {"user_id": torch.tensor([3, 4])}
+    u, v = user(features), ad(features)
+    assert u.shape == (2, 6) and user.width == 6 and torch.equal(u[:, -1], torch.ones(2))
+    assert torch.allclose((u * v).sum(-1), (u[:, :5] * v[:, :5]).sum(-1) + torch.tensor([2.0, 0.0]))
+    with pytest.raises(ValueError, match="bias:<categorical feature>"):
+        EmbeddingMLPTower({"user_id": 10}, {}, 8, [], 5, score_column="bias:ad_id")
+
+
 ENCODERS = ["mlp", "cnn", "gru", "attention"]
 
 

@@ -44,6 +44,25 @@ def test_sparse_and_dense_tables_take_the_same_first_step():
     assert torch.allclose(dense.embeddings["ad_id"].weight[rows], sparse.embeddings["ad_id"].weight[rows], atol=1e-6)
 
 
+def test_embedding_tables_and_dense_weights_take_their_own_l2():
+    # No loss gradient: a step moves each weight only by its own L2, so a zero L2 leaves it in place.
+    model = tower(sparse=False)
+    tables_only = build_optimizer(model, lr=0.1, weight_decay=0.0, embedding_l2=1.0)
+    table, dense = model.embeddings["ad_id"].weight.detach().clone(), model.mlp[0].weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    tables_only.step()
+    assert not torch.equal(model.embeddings["ad_id"].weight, table)
+    assert torch.equal(model.mlp[0].weight, dense)
+    tables_only.scale_lr(0.5)
+    assert tables_only.lr == pytest.approx(0.05)
+
+
+def test_embedding_l2_with_sparse_tables_is_an_error_naming_the_options():
+    with pytest.raises(ValueError, match="sparse_embeddings"):
+        build_optimizer(tower(sparse=True), lr=0.1, weight_decay=0.0, embedding_l2=0.01)
+
+
 def test_optimizer_state_round_trips_and_rejects_a_different_layout():
     model = tower(sparse=True)
     optimizer = build_optimizer(model, lr=0.1, weight_decay=0.0)

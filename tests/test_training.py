@@ -65,6 +65,36 @@ def test_sparse_id_tables_train_data_parallel(tiny_run, tmp_path):
     assert model.user_tower.config["sparse"] and model.user_tower.embeddings["user_id"].sparse
 
 
+def test_training_stops_after_patience_epochs_without_a_better_score(tiny_run, tmp_path):
+    # A zero learning rate leaves the weights, so the validation score never improves after epoch 1.
+    cfg = compose_config(
+        tmp_path,
+        f"paths.prepared_dir={tiny_run['cfg'].paths.prepared_dir}",
+        "trainer.num_workers=1",
+        "trainer.lr=0.0",
+        "trainer.epochs=5",
+        "trainer.early_stopping_patience=1",
+    )
+    result = driver.run(cfg)
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2]
+    assert result["best"]["epoch"] == 1
+
+
+def test_plateau_decays_the_rate_and_stops_on_its_own_counts():
+    from adrec.train.loop import Plateau
+
+    plateau = Plateau("val_recall@10", "max", patience=3, decay_patience=1)
+    decays, stopped_after = [], None
+    for epoch, score in enumerate([0.1, 0.2, 0.2, 0.19, 0.15], start=1):
+        plateau.update({"val_recall@10": score})
+        decays.append(plateau.should_decay())
+        if plateau.should_stop():
+            stopped_after = epoch
+            break
+    assert decays == [False, False, True, True, True]
+    assert stopped_after == 5
+
+
 def test_a_misspelled_trainer_option_is_named_before_ray_starts(tmp_path):
     # `+` adds a key Hydra's struct check would refuse; a mapping edited in code (open_dict) gets the same check.
     cfg = compose_config(tmp_path, "+trainer.epoch=3")

@@ -96,6 +96,33 @@ def history_before(
     return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
+def history_of_user(
+    click_user: np.ndarray,
+    click_ts: np.ndarray,
+    click_ad: pa.Array,
+    query_user: np.ndarray,
+    query_ad: pa.Array,
+    length: int,
+) -> pa.ListArray:
+    """For each query (user, ad), that user's latest ``length`` clicks on other ads, most recent first.
+
+    The set-valued history of random-split benchmarks: a row's own ad is left out, so the model
+    learns to predict it from the rest of the user's clicks, as it will predict held-out ones.
+    Shapes as ``history_before``; query_ad: (Q,) ad ids of the same type as click_ad.
+    """
+    after_all = np.full(len(query_user), int(click_ts.max(initial=0)) + 1, np.int64)
+    lists = history_before(click_user, click_ts, click_ad, query_user, after_all, length + 1)
+    parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(lists)
+    other = ~pc.fill_null(pc.equal(values, query_ad.take(pa.array(parent))), False).to_numpy(zero_copy_only=False)
+    parent, values = parent[other], values.filter(pa.array(other))
+    rank = np.arange(len(parent)) - np.searchsorted(parent, parent, side="left")  # position within its list
+    kept = rank < length
+    counts = np.bincount(parent[kept], minlength=len(query_user))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values.filter(pa.array(kept)))
+
+
 def row_keys(rows: pa.Table) -> np.ndarray:
     """(N,) uint64 per-row hash: of ``event_id`` when present, else of every column's text."""
     if "event_id" in rows.column_names:
@@ -151,9 +178,13 @@ def _follows(events: pa.Table, kind: str) -> pa.Array:
     return events.filter(pc.equal(events["event"], kind))["impression_id"].combine_chunks()
 
 
-def build_examples(events: pa.Table, history_length: int, split: SplitRule, label_rule: LabelRule | None, seed: int = 0) -> pa.Table:
+def build_examples(
+    events: pa.Table, history_length: int, split: SplitRule, label_rule: LabelRule | None, seed: int = 0, history_scope: str = "before"
+) -> pa.Table:
     """One example per impression (event log) or per row (labelled rows), with ``label``,
-    ``history`` (when the log has users and ads), ``split``, and every other column kept."""
+    ``history`` (when the log has users and ads), ``split``, and every other column kept.
+
+    ``history_scope``: before (the user's clicks before the row) or user (``history_of_user``)."""
     if "event" in events.column_names:
         is_exposure = pc.equal(events["event"], "impression").to_numpy(zero_copy_only=False).astype(bool)
         is_positive = pc.equal(events["event"], "click").to_numpy(zero_copy_only=False).astype(bool)
@@ -176,14 +207,12 @@ def build_examples(events: pa.Table, history_length: int, split: SplitRule, labe
     if user_code is not None and "ad_id" in events.column_names and "ts" in events.column_names:
         source = is_positive & history_split_mask(events, is_exposure, split_names, split)
         ts = events["ts"].to_numpy(zero_copy_only=False)
-        history = history_before(
-            codes[source],
-            ts[source],
-            events["ad_id"].combine_chunks().filter(pa.array(source)),
-            user_code,
-            ts[is_exposure],
-            history_length,
-        )
+        ads = events["ad_id"].combine_chunks()
+        clicks = (codes[source], ts[source], ads.filter(pa.array(source)))
+        if history_scope == "user":
+            history = history_of_user(*clicks, user_code, ads.filter(pa.array(is_exposure)), history_length)
+        else:
+            history = history_before(*clicks, user_code, ts[is_exposure], history_length)
         examples = examples.append_column("history", history)
     return examples.append_column("split", pa.array(split_names))
 

@@ -101,6 +101,7 @@ class PrepareOptions:
     """``data.prepare`` (documented in conf/data/prepare/default.yaml)."""
 
     history_length: int
+    history_scope: str  # before | user (conf/data/prepare/default.yaml)
     history_attributes: tuple[str, ...]
     min_count: int
     id_hash_buckets: int
@@ -128,6 +129,7 @@ class PrepareOptions:
         base = str(grow_from) if grow_from is not None else p["base_feature_map"]
         return cls(
             history_length=int(p["history_length"]),
+            history_scope=_history_scope(str(p["history_scope"]), str((p["split"] or {}).get("kind", "time"))),
             history_attributes=tuple(str(a) for a in p["history_attributes"] or ()),
             min_count=int(p["min_count"]),
             id_hash_buckets=int(p["id_hash_buckets"] or 0),
@@ -144,6 +146,23 @@ class PrepareOptions:
             max_ts_ms=int(p["max_ts_ms"]),
             base_feature_map=str(base) if base else None,
         )
+
+
+HISTORY_SCOPES = ("before", "user")
+# Splits whose histories hold training clicks only (adrec.data.history.history_split_mask), so a
+# history drawn from a user's whole log reveals no held-out row.
+SET_HISTORY_SPLITS = ("random", "per_user_random", "kfold")
+
+
+def _history_scope(scope: str, split_kind: str) -> str:
+    if scope not in HISTORY_SCOPES:
+        raise ValueError(f"data.prepare.history_scope={scope!r}: use one of {', '.join(HISTORY_SCOPES)}")
+    if scope == "user" and split_kind not in SET_HISTORY_SPLITS:
+        raise ValueError(
+            f"data.prepare.history_scope=user with split.kind={split_kind}: a history from the user's whole log would show "
+            f"training rows their own future; use it with split.kind {' | '.join(SET_HISTORY_SPLITS)}, or history_scope=before"
+        )
+    return scope
 
 
 # Which kinds each option means something for; an option given to another kind is a mistake.

@@ -138,7 +138,7 @@ def labelled_examples(
     """One raw example per impression or labelled row, with history, split and side attributes, staged at ``path``.
 
     ``by_user``: the log has users, so each block must hold every event of its users."""
-    kwargs = {"history_length": p.history_length, "split": rule, "label_rule": label_rule, "seed": seed}
+    kwargs = {"history_length": p.history_length, "history_scope": p.history_scope, "split": rule, "label_rule": label_rule, "seed": seed}
     if by_user:
         examples = kept.repartition(partitions, keys=["user_id"], sort=True).map_batches(
             build_examples,

@@ -44,7 +44,11 @@ class EmbeddingMLPTower(nn.Module):
         sqrt(temperature), so a dot product of two towers' outputs is cos / temperature.
     sparse: id tables produce sparse gradients (only the rows a batch touched), for tables too
         big to update densely; train them with ``adrec.train.optim.build_optimizer``.
-    Output: (B, output_dim).
+    score_column: one more output column, so that a dot product of two towers adds a per-ad bias:
+        ``"bias:<feature>"`` appends a learned scalar per id of that categorical feature (the ad
+        tower: b_ad, the ad's popularity beyond its embedding), ``"one"`` a constant 1 (the user
+        tower). U . V then equals u . v + b_ad, so retrieval indexes and serving need no change.
+    Output: (B, output_dim), or (B, output_dim + 1) with a ``score_column``.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class EmbeddingMLPTower(nn.Module):
         normalize: bool = False,
         temperature: float = 1.0,
         sparse: bool = False,
+        score_column: str | None = None,
     ) -> None:
         super().__init__()
         behaviour = dict(behaviour or {})
@@ -81,6 +86,7 @@ class EmbeddingMLPTower(nn.Module):
             "normalize": normalize,
             "temperature": temperature,
             "sparse": sparse,
+            "score_column": score_column,
         }
         self.embeddings = nn.ModuleDict({name: nn.Embedding(card, embedding_dim, sparse=sparse) for name, card in categorical.items()})
         # EmbeddingBag with padding_idx leaves PAD out of the mean; an empty sequence pools to zeros.
@@ -95,6 +101,19 @@ class EmbeddingMLPTower(nn.Module):
         self.oov_dropout = oov_dropout
         self.normalize = normalize
         self.scale = temperature**-0.5
+        self.score_column = score_column
+        self.id_bias = None
+        if score_column and score_column != "one":
+            feature = score_column.removeprefix("bias:")
+            if not score_column.startswith("bias:") or feature not in categorical:
+                raise ValueError(f"score_column={score_column!r}: use 'one' or 'bias:<categorical feature>' (of {sorted(categorical)})")
+            self.id_bias = nn.Embedding(categorical[feature], 1, sparse=sparse)
+            nn.init.zeros_(self.id_bias.weight)
+
+    @property
+    def width(self) -> int:
+        """Output columns: ``output_dim``, plus one with a ``score_column``."""
+        return self.config["output_dim"] + bool(self.score_column)
 
     @property
     def feature_names(self) -> list[str]:
@@ -115,7 +134,13 @@ class EmbeddingMLPTower(nn.Module):
         out = self.mlp(torch.cat(parts, dim=-1))
         if self.normalize:
             out = nn.functional.normalize(out, dim=-1)
-        return out * self.scale
+        out = out * self.scale
+        if self.score_column == "one":
+            return torch.cat([out, torch.ones_like(out[:, :1])], dim=-1)
+        if self.id_bias is not None:
+            feature = self.score_column.removeprefix("bias:")
+            return torch.cat([out, self.id_bias(features[feature])], dim=-1)
+        return out
 
     def _encode_behaviour(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum the aligned sequences' embeddings per click, mask PAD, encode: (B, E)."""

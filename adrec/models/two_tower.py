@@ -54,6 +54,7 @@ def build_two_tower(
     temperature: float,
     drop_features: list[str],
     sparse_embeddings: bool,
+    item_bias: bool,
 ) -> TwoTower:
     """Size both towers from ``feature_map``: user + context features on one side, ad features on the other.
 
@@ -63,6 +64,8 @@ def build_two_tower(
     drop_features: features the towers leave out, e.g. [user_id] so that users are known only by
         their history and profile (no per-user table to memorise; new users are no different).
     sparse_embeddings: id tables get sparse, row-wise gradients (see EmbeddingMLPTower).
+    item_bias: S = U . V + b_ad, a learned scalar per ad id (see EmbeddingMLPTower's score_column):
+        popularity the embeddings need not encode, as matrix factorisation's item bias.
     """
     dropped = set(drop_features)
     unknown = dropped - {f.name for f in feature_map.features}
@@ -75,7 +78,10 @@ def build_two_tower(
             f"user={feature_map.names('user')} ad={feature_map.names('ad')}: map user_id and ad_id in data.events.columns"
         )
 
-    def tower(groups: tuple[str, ...], encoder: EncoderOptions | None) -> EmbeddingMLPTower:
+    if item_bias and "ad_id" in dropped:
+        raise ValueError("model.item_bias needs the ad_id feature, which model.drop_features leaves out")
+
+    def tower(groups: tuple[str, ...], encoder: EncoderOptions | None, score_column: str | None) -> EmbeddingMLPTower:
         def names(kind: str) -> list[str]:
             return [n for g in groups for n in feature_map.names(g, kind) if n not in dropped]
 
@@ -95,6 +101,8 @@ def build_two_tower(
             normalize=normalize,
             temperature=temperature,
             sparse=sparse_embeddings,
+            score_column=score_column,
         )
 
-    return TwoTower(tower(("user", "context"), user_encoder), tower(("ad",), None))
+    user_column, ad_column = ("one", "bias:ad_id") if item_bias else (None, None)
+    return TwoTower(tower(("user", "context"), user_encoder, user_column), tower(("ad",), None, ad_column))

@@ -46,7 +46,11 @@ class TrainerOptions:
     lr: float  # for one worker, before lr_scaling
     lr_scaling: str
     weight_decay: float
+    embedding_l2: float
     epochs: int
+    early_stopping_patience: int
+    lr_decay_patience: int
+    lr_decay_factor: float
     shuffle_buffer: int
     prefetch_batches: int
     stream_epochs: bool
@@ -93,13 +97,18 @@ class LoopConfig:
     epochs: int
     batch_size: int  # per worker
     lr: float  # already scaled for the global batch
-    weight_decay: float
+    weight_decay: float  # L2 of dense weights
+    embedding_l2: float  # L2 of id tables
     shuffle_buffer: int
     prefetch_batches: int
     stream_epochs: bool
     precision: str  # auto | fp32 | bf16
     torch_threads: int | None  # None: Ray's default
-    select_metric: str  # the score a mid-epoch checkpoint reports as NaN
+    select_metric: str  # the validation score that picks the best epoch (a mid-epoch checkpoint reports it as NaN)
+    select_mode: str  # max | min
+    early_stopping_patience: int  # 0: train every epoch
+    lr_decay_patience: int  # 0: a constant learning rate
+    lr_decay_factor: float
     checkpoint_every_steps: int  # 0: checkpoint at epoch ends only
     resume_from: str | None  # a verified checkpoint to warm-start the weights from
     log_every_steps: int  # 0: per epoch only
@@ -120,7 +129,7 @@ class LoopConfig:
 
     def params(self) -> dict:
         """The run's headline parameters, as an experiment tracker logs them."""
-        keys = ("batch_size", "epochs", "lr", "weight_decay", "precision", "seed")
+        keys = ("batch_size", "epochs", "lr", "weight_decay", "embedding_l2", "precision", "seed")
         return {**{k: getattr(self, k) for k in keys}, "model": str(self.model.get("_target_"))}
 
 

@@ -36,7 +36,7 @@ from adrec.inference import to_features
 from adrec.models import build_model
 from adrec.registry import load_grown, load_training_state, save_checkpoint
 from adrec.train.config import LoopConfig
-from adrec.train.losses import LossConfig, candidate_log_q, in_batch_softmax
+from adrec.train.losses import LossConfig, candidate_log_q, catalog_rows_of_ids, full_softmax, in_batch_softmax
 from adrec.train.monitor import EpochLog
 from adrec.train.optim import SparseDenseAdam, build_optimizer
 
@@ -51,24 +51,28 @@ class Objective:
         self.log_frequency = None
         self.catalog: dict[str, torch.Tensor] = {}
         self.catalog_size = 0
+        self.row_of_id = None  # (ad ids,) catalog rows: set when the softmax runs over the whole catalog
         if not loss.softmax_weight:
             return
         if "ad_id" not in {f.name for f in feature_map.features}:
             raise ValueError("model.loss.softmax_weight > 0 needs an ad_id feature (map ad_id in data.events.columns)")
+        if catalog_path:
+            table = pq.read_table(catalog_path)
+            self.catalog = {k: v.to(device) for k, v in to_features(table, feature_map.names("ad")).items()}
+            self.catalog_size = table.num_rows
+        if self.catalog and self.catalog_size <= loss.full_softmax_max_ads:
+            self.row_of_id = catalog_rows_of_ids(self.catalog["ad_id"], feature_map.cardinality("ad_id"))
+            return
+        if loss.uniform_negatives and not self.catalog:
+            raise ValueError("model.loss.uniform_negatives needs an ad catalog (data.ads)")
         spec = feature_map.spec("ad_id")
         frequencies = feature_map.vocabularies[spec.vocabulary].frequencies() if spec.vocabulary else None
         if loss.logq_correction and frequencies is not None:
             self.log_frequency = torch.log(torch.from_numpy(frequencies).clamp(min=1e-12)).float().to(device)
-        if loss.uniform_negatives:
-            if not catalog_path:
-                raise ValueError("model.loss.uniform_negatives needs an ad catalog (data.ads)")
-            table = pq.read_table(catalog_path)
-            self.catalog = {k: v.to(device) for k, v in to_features(table, feature_map.names("ad")).items()}
-            self.catalog_size = table.num_rows
 
     def negatives(self) -> dict[str, torch.Tensor] | None:
         """``uniform_negatives`` catalog rows drawn uniformly, as ad-tower inputs."""
-        if not self.catalog:
+        if not (self.catalog and self.loss.uniform_negatives):
             return None
         rows = torch.randint(self.catalog_size, (self.loss.uniform_negatives,), device=self.catalog["ad_id"].device)
         return {k: v[rows] for k, v in self.catalog.items()}
@@ -79,6 +83,8 @@ class Objective:
         if not loss.softmax_weight:
             logits = model(batch)
             return loss.bce_weight * nn.functional.binary_cross_entropy_with_logits(logits, batch["label"]), logits
+        if self.row_of_id is not None:
+            return self.full(model, batch)
         negatives = self.negatives()
         logits, user, ad = model(batch, return_embeddings=True, negatives=negatives)
         ad_ids = batch["ad_id"] if negatives is None else torch.cat([batch["ad_id"], negatives["ad_id"]])
@@ -88,6 +94,15 @@ class Objective:
             log_q = candidate_log_q(ad_ids, self.log_frequency, len(batch["label"]), self.catalog_size, uniform)
         softmax = in_batch_softmax(user, ad, ad_ids, batch["label"] > 0.5, log_q, loss.remove_accidental_hits)
         # The BCE term stays in the graph even at weight 0, so DDP sees the logit bias used.
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
+        return loss.softmax_weight * softmax + loss.bce_weight * bce, logits
+
+    def full(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The softmax over the whole catalog (its embeddings computed in the same forward pass, for DDP)."""
+        loss = self.loss
+        logits, user, ad = model(batch, return_embeddings=True, negatives=self.catalog)
+        catalog = ad[len(batch["label"]) :]  # (A, D): the batch's own ads come first
+        softmax = full_softmax(user, catalog, self.row_of_id[batch["ad_id"]], batch["label"] > 0.5)
         bce = nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
         return loss.softmax_weight * softmax + loss.bce_weight * bce, logits
 
@@ -190,6 +205,41 @@ def maybe_inject_fault(step: int, config: LoopConfig) -> None:
     os._exit(1)  # no cleanup, no exception: to Ray this is a dead worker
 
 
+class Plateau:
+    """Epochs since the validation score last improved: when to decay the learning rate, when to stop.
+
+    ``patience`` (epochs without a better ``metric``, 0 = never) for early stopping, and
+    ``decay_patience`` for multiplying the learning rate by the decay factor (counted again from
+    each decay, as torch's ReduceLROnPlateau does). A NaN score never improves.
+    """
+
+    def __init__(self, metric: str, mode: str, patience: int, decay_patience: int) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"trainer.select_mode={mode!r}: use max or min")
+        self.metric, self.sign = metric, 1.0 if mode == "max" else -1.0
+        self.patience, self.decay_patience = patience, decay_patience
+        self.best = -np.inf
+        self.since_best = 0
+        self.since_decay = 0
+
+    def update(self, metrics: dict) -> None:
+        score = self.sign * float(metrics.get(self.metric, np.nan))
+        if score > self.best:
+            self.best, self.since_best, self.since_decay = score, 0, 0
+        else:
+            self.since_best += 1
+            self.since_decay += 1
+
+    def should_decay(self) -> bool:
+        if self.decay_patience and self.since_decay >= self.decay_patience:
+            self.since_decay = 0
+            return True
+        return False
+
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.since_best >= self.patience
+
+
 class Run:
     """One worker's training state: the model, optimizer, data shards and progress counters."""
 
@@ -205,7 +255,7 @@ class Run:
         self.autocast = autocast_for(config.precision, self.device)
         self.model = ray.train.torch.prepare_model(model)
         self.bare = getattr(self.model, "module", self.model)  # DDP wraps only when world size > 1
-        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay)
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.embedding_l2)
         self.objective = Objective(LossConfig.from_dict(loss_options), self.feature_map, config.catalog, self.device)
         progress = restore(self.bare, self.optimizer, config.resume_from)
         self.epoch = int(progress.get("epoch", 0))  # completed epochs
@@ -213,6 +263,9 @@ class Run:
         # Samples this worker had trained on in the epoch a mid-epoch checkpoint interrupted.
         self.epoch_samples = int(progress.get("epoch_samples", 0))
         self.history: list[dict] = list(progress.get("history", []))
+        self.plateau = Plateau(config.select_metric, config.select_mode, config.early_stopping_patience, config.lr_decay_patience)
+        for metrics in self.history:  # a resumed run counts the epochs it had already validated
+            self.plateau.update(metrics)
         self.monitor = EpochLog(config, rank=self.context.get_world_rank())
         self.stream = None  # the run's single training stream (trainer.stream_epochs)
         self.streamed = 0  # samples it has delivered
@@ -335,12 +388,18 @@ class Run:
         }
 
     def fit(self) -> dict:
-        while self.epoch < self.config.epochs:
+        """Train up to ``epochs`` epochs, validating and checkpointing after each; stop early on a plateau."""
+        while self.epoch < self.config.epochs and not self.plateau.should_stop():
+            lr = self.optimizer.lr
             trained = self.train_epoch()
             self.epoch += 1
-            metrics = {"epoch": self.epoch, "step": self.step, **trained, **self.validate_epoch()}
+            metrics = {"epoch": self.epoch, "step": self.step, "lr": lr, **trained, **self.validate_epoch()}
+            self.plateau.update(metrics)
+            if self.plateau.should_decay():
+                self.optimizer.scale_lr(self.config.lr_decay_factor)
             self.history.append(metrics)
             self.monitor.epoch(metrics)
+            # Every worker decides alike: the score is gathered over all of them.
             self.report(metrics, in_epoch=False)
         self.monitor.close()
         return {"epochs": self.history}

@@ -1,6 +1,10 @@
-"""Training losses: pointwise BCE for pCTR, in-batch sampled softmax for retrieval.
+"""Training losses: pointwise BCE for pCTR, a full or sampled softmax for retrieval.
 
-The softmax treats each clicked row of a batch as a query whose positive is its own ad and
+A catalog small enough to score whole every step (``full_softmax_max_ads``) gets the exact
+softmax over every ad: sampled softmax only approximates it, and on small catalogs it is the
+one that wins (Klenitskiy & Vasilev, RecSys 2023). Larger catalogs use the sampled one.
+
+The sampled softmax treats each clicked row of a batch as a query whose positive is its own ad and
 whose negatives are the batch's other ads (plus optional uniform draws from the catalog).
 In-batch ads are sampled by impression frequency, so popular ads are over-represented as
 negatives; subtracting log q (the logQ correction of Yi et al., RecSys 2019) removes that bias.
@@ -30,12 +34,15 @@ class LossConfig:
     logq_correction: bool = True  # subtract log(sampling probability) of each in-batch candidate
     remove_accidental_hits: bool = True  # a candidate that is the positive's own ad is not a negative
     uniform_negatives: int = 0  # extra negatives drawn uniformly from the ad catalog per batch
+    full_softmax_max_ads: int = 0  # catalogs of at most this many ads: the softmax over all of them, not sampled
 
     def __post_init__(self) -> None:
         if self.bce_weight < 0 or self.softmax_weight < 0 or self.bce_weight + self.softmax_weight == 0:
             raise ValueError(f"model.loss weights must be >= 0 and not both 0, got bce_weight={self.bce_weight} softmax_weight={self.softmax_weight}")
-        if self.uniform_negatives < 0:
-            raise ValueError(f"model.loss.uniform_negatives must be >= 0, got {self.uniform_negatives}")
+        if self.uniform_negatives < 0 or self.full_softmax_max_ads < 0:
+            raise ValueError(
+                f"model.loss.uniform_negatives and full_softmax_max_ads must be >= 0, got {self.uniform_negatives}, {self.full_softmax_max_ads}"
+            )
 
     @classmethod
     def from_dict(cls, options: Mapping | LossConfig | None) -> LossConfig:
@@ -75,6 +82,27 @@ def in_batch_softmax(
         same_ad[torch.arange(len(rows), device=rows.device), rows] = False
         logits = logits.masked_fill(same_ad, torch.finfo(logits.dtype).min)
     return nn.functional.cross_entropy(logits, rows)
+
+
+def full_softmax(user: torch.Tensor, catalog: torch.Tensor, target_row: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each positive row's ad against every ad of the catalog.
+
+    user: (B, D); catalog: (A, D), every ad's embedding; target_row: (B,) the catalog row of each
+    row's ad, -1 where it has none (an id shared by several rare ads); positive: (B,) bool.
+    Returns a scalar; zero (with a graph) when no positive row has a catalog row.
+    """
+    rows = torch.nonzero(positive & (target_row >= 0), as_tuple=True)[0]
+    if len(rows) == 0:
+        return catalog.sum() * 0.0
+    return nn.functional.cross_entropy(user[rows] @ catalog.T, target_row[rows])
+
+
+def catalog_rows_of_ids(catalog_ids: torch.Tensor, cardinality: int) -> torch.Tensor:
+    """(cardinality,) the catalog row of each ad id, -1 for ids with no row or with several (OOV). catalog_ids: (A,)."""
+    counts = torch.bincount(catalog_ids, minlength=cardinality)
+    rows = torch.full((cardinality,), -1, dtype=torch.long, device=catalog_ids.device)
+    rows[catalog_ids] = torch.arange(len(catalog_ids), device=catalog_ids.device)
+    return torch.where(counts == 1, rows, torch.full_like(rows, -1))
 
 
 def candidate_log_q(ad_ids: torch.Tensor, log_frequency: torch.Tensor, batch_rows: int, catalog_size: int, uniform: int) -> torch.Tensor:
