@@ -16,6 +16,8 @@ generator's true click probability).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,41 +169,98 @@ def user_queries(model, feature_map: FeatureMap, test: pa.Table, train: pa.Table
     return model.user_tower(features)
 
 
+@dataclass(frozen=True)
+class UserRankingTask:
+    """Per-user full ranking over the catalog, seen items excluded (the MovieLens / RecBole protocol),
+    built once from a prepared folder so that every model (adrec's towers, popularity, a benchmark's
+    peers) is scored by the same code: :meth:`metrics` takes scores and returns Recall/NDCG/HitRate@K.
+
+    ``target`` is the split whose positives are relevant, ``seen`` the splits whose items are
+    excluded: ("test", ("train", "validation")) for the test score, ("validation", ("train",)) for
+    tuning on validation. Items are catalog rows (the order of ``ads.parquet``).
+    """
+
+    users: np.ndarray  # (Q,) int64 user keys, ascending: users with at least one relevant, unseen item
+    relevant: tuple[np.ndarray, ...]  # Q arrays: catalog rows of the user's target positives, seen ones removed (non-empty)
+    seen: tuple[np.ndarray, ...]  # Q arrays: catalog rows of the user's items in the seen splits, never recommended
+    num_items: int  # A, the catalog size
+    target: str = "test"
+    seen_splits: tuple[str, ...] = ("train", "validation")
+
+    @classmethod
+    def from_prepared(
+        cls,
+        prepared: Path,
+        catalog_ids: pa.Array | None = None,
+        *,
+        target: str = "test",
+        seen: tuple[str, ...] = ("train", "validation"),
+        limit: int | None = None,
+    ) -> UserRankingTask:
+        """The task of ``prepared``'s ``target`` split; ``catalog_ids`` (A,) default to ``ads.parquet``'s
+        raw_ad_id. ``limit``: at most that many users (the first by key), before dropping those whose
+        every target positive was seen."""
+        if catalog_ids is None:
+            catalog_ids = pq.read_table(prepared / "ads.parquet", columns=["raw_ad_id"])["raw_ad_id"].combine_chunks()
+        target_rows = pq.read_table(prepared / target, columns=["user_key", "raw_ad_id", "label"])
+        positives = target_rows.filter(pc.greater(target_rows["label"], 0.5))
+        users = np.unique(positives["user_key"].to_numpy())[:limit]
+        seen_rows = pa.concat_tables([pq.read_table(prepared / split, columns=["user_key", "raw_ad_id"]) for split in seen])
+        relevant, done = rows_by_user(positives, users, catalog_ids), rows_by_user(seen_rows, users, catalog_ids)
+        relevant = [np.setdiff1d(mine, seen_by_user) for mine, seen_by_user in zip(relevant, done)]
+        # A target positive already seen cannot be recommended; RecBole drops users left with none.
+        keep = np.array([len(mine) > 0 for mine in relevant], bool)
+        return cls(
+            users=users[keep],
+            relevant=tuple(r for r, k in zip(relevant, keep) if k),
+            seen=tuple(s for s, k in zip(done, keep) if k),
+            num_items=len(catalog_ids),
+            target=target,
+            seen_splits=tuple(seen),
+        )
+
+    def metrics(self, scores: np.ndarray | Callable[[slice], np.ndarray], ks: list[int] | tuple[int, ...], chunk: int = 1024) -> dict[str, float]:
+        """Recall/NDCG/HitRate@K (``top_k_metrics``) of ranking every catalog item by ``scores``, seen items excluded.
+
+        ``scores``: (Q, A) for the task's users in order; (A,), one score per item for every user
+        (popularity); or a function from a slice of the task's users to their (q, A) or (A,) scores,
+        called ``chunk`` users at a time so that Q x A never has to fit in memory. Ties rank in
+        catalog order (a stable sort).
+        """
+        score = scores if callable(scores) else (lambda rows: scores if scores.ndim == 1 else scores[rows])
+        k_max = min(max(ks), self.num_items)
+        hits = [self.top_hits(score(slice(start, start + chunk)), slice(start, start + chunk), k_max) for start in range(0, len(self.users), chunk)]
+        return top_k_metrics(np.concatenate(hits) if hits else np.zeros((0, k_max), bool), self.relevant_counts, ks)
+
+    def top_hits(self, scores: np.ndarray, rows: slice, k: int) -> np.ndarray:
+        """(q, k) bool: whether each of the users ``rows``' top ``k`` unseen items by ``scores`` (q, A) or (A,) is relevant."""
+        relevant, seen = self.relevant[rows], self.seen[rows]
+        values = np.broadcast_to(scores, (len(relevant), self.num_items)).copy()  # a copy: seen items are overwritten
+        is_relevant = np.zeros(values.shape, bool)
+        for i, (mine, done) in enumerate(zip(relevant, seen)):
+            values[i, done] = -np.inf
+            is_relevant[i, mine] = True
+        top = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(is_relevant, top, axis=1)
+
+    @property
+    def relevant_counts(self) -> np.ndarray:
+        """(Q,) relevant items per user (each > 0)."""
+        return np.array([len(mine) for mine in self.relevant], dtype=np.int64)
+
+
 def user_retrieval(
     model, feature_map: FeatureMap, prepared: Path, catalog: pa.Table, ad_matrix: np.ndarray, popularity: np.ndarray, ks: list[int], limit: int
 ) -> dict:
     """Per-user full ranking with seen items excluded: Recall/NDCG/HitRate@K for the model and popularity."""
-    catalog_ids = catalog["raw_ad_id"].combine_chunks()
+    task = UserRankingTask.from_prepared(prepared, catalog["raw_ad_id"].combine_chunks(), limit=limit)
     test = pq.read_table(prepared / "test")
     test = test.take(pc.sort_indices(test, [("user_key", "ascending")]))
-    positives = test.filter(pc.greater(test["label"], 0.5))
-    users = np.unique(positives["user_key"].to_numpy())[:limit]
-    history_columns = ["user_key", "raw_ad_id", "label", "ts"]
-    train = pq.read_table(prepared / "train", columns=history_columns)
-    seen_tables = pa.concat_tables(
-        [train.select(["user_key", "raw_ad_id"]), pq.read_table(prepared / "validation", columns=["user_key", "raw_ad_id"])]
-    )
-    relevant, seen = rows_by_user(positives, users, catalog_ids), rows_by_user(seen_tables, users, catalog_ids)
-    user = user_queries(model, feature_map, test, train, users, catalog).numpy()
-    k_max = max(max(ks), max(CURVE_KS))
-    model_hits, popular_hits = [], []
-    for start in range(0, len(users), 1024):
-        chunk = slice(start, start + 1024)
-        scores = user[chunk] @ ad_matrix.T  # (q, A)
-        popular = np.broadcast_to(popularity, scores.shape).copy()
-        is_relevant = np.zeros(scores.shape, bool)
-        for i, (mine, done) in enumerate(zip(relevant[chunk], seen[chunk])):
-            scores[i, done] = popular[i, done] = -np.inf
-            is_relevant[i, np.setdiff1d(mine, done)] = True
-        for hits, values in ((model_hits, scores), (popular_hits, popular)):
-            top = np.argsort(-values, axis=1, kind="stable")[:, :k_max]
-            hits.append(np.take_along_axis(is_relevant, top, axis=1))
-    counts = np.array([len(np.setdiff1d(r, s)) for r, s in zip(relevant, seen)])
-    keep = counts > 0  # a test positive already seen in training cannot be recommended; RecBole drops such users
-    metrics = top_k_metrics(np.concatenate(model_hits)[keep], counts[keep], sorted(set(ks) | set(CURVE_KS)))
-    popular_metrics = top_k_metrics(np.concatenate(popular_hits)[keep], counts[keep], ks)
-    metrics.update({f"popularity_{k}": v for k, v in popular_metrics.items()})
-    metrics["retrieval_queries"] = int(keep.sum())
+    train = pq.read_table(prepared / "train", columns=["user_key", "raw_ad_id", "label", "ts"])
+    user = user_queries(model, feature_map, test, train, task.users, catalog).numpy()  # (Q, D)
+    metrics = task.metrics(lambda rows: user[rows] @ ad_matrix.T, sorted(set(ks) | set(CURVE_KS)))
+    metrics.update({f"popularity_{k}": v for k, v in task.metrics(popularity, ks).items()})
+    metrics["retrieval_queries"] = len(task.users)
     return metrics
 
 
