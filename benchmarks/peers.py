@@ -1,0 +1,412 @@
+"""The models adrec is compared against, run on adrec's own prepared splits and scored by adrec's evaluator.
+
+Each peer reads exactly the Parquet files preparation wrote (``<prepared>/train``, ``validation``,
+``test``, ``ads.parquet``, ``feature_map.json``), so a peer and adrec never see different splits.
+
+Ranking (implicit feedback, per-user full ranking with seen items excluded; scored by
+``adrec.eval.evaluate.UserRankingTask``, the code adrec's own evaluation uses):
+    mostpop   items by their number of positives
+    itemknn   cosine item-item similarity, the k nearest neighbours of each item kept (k tuned)
+    ease      Steck 2019's closed form B = I - P / diag(P), P = (X'X + lambda I)^-1 (lambda tuned)
+    als, bpr  ``implicit``'s ALS and BPR (factors, regularization, iterations tuned)
+CTR (labelled impressions; AUC and logloss by ``adrec.eval.metrics``):
+    lr        scikit-learn logistic regression on the one-hot encoded ids and buckets plus the dense values (C tuned)
+    lightgbm  LightGBM on the encoded ids (as categoricals) and dense values, early-stopped on validation
+Synthetic logs:
+    LogisticMF  the generator's own functional form, the well-specified reference for the towers
+
+What each peer fits on. Ranking and CTR peers choose their hyperparameters on the validation split
+(fit on train; for ranking, relevant = validation positives and train items excluded), then
+**refit on train + validation** with the chosen setting for the test score: adrec's test excludes
+every train and validation item, so a ranking peer must know them, and the CTR peers do the same
+for symmetry (logistic regression was always fitted on train + validation here). MostPop has
+nothing to tune and counts train + validation positives. adrec itself trains on train and selects
+on validation. LogisticMF fits on train only (its L2 chosen on validation), as the towers do.
+
+    python benchmarks/peers.py /tmp/adrec-bench-quality/movielens-0/prepared --task ranking
+    python benchmarks/peers.py /tmp/adrec-bench-quality/criteo-0-0/prepared --task ctr
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+import torch
+from threadpoolctl import threadpool_limits
+
+from adrec.eval.evaluate import UserRankingTask, catalog_rows
+from adrec.eval.metrics import auc, logloss
+from adrec.features import FeatureMap
+
+KS = (10,)
+SELECT = "recall@10"  # what the ranking peers are tuned on (validation)
+THREADS = 2  # the benchmark machines have two cores, shared with adrec's own runs
+
+# user rows (q,) -> scores (q, A) over the catalog
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+RANKING_GRIDS: dict[str, list[dict]] = {
+    "mostpop": [{}],
+    "itemknn": [{"neighbours": k} for k in (10, 20, 50, 100, 200, 500)],
+    "ease": [{"l2": l2} for l2 in (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)],
+    "als": [{"factors": f, "regularization": r, "iterations": i} for f, r, i in itertools.product((32, 64, 128), (1.0, 3.0, 10.0, 30.0), (15, 30))],
+    "bpr": [{"factors": f, "regularization": r, "iterations": i} for f, r, i in itertools.product((64, 128), (0.001, 0.01), (50, 100))],
+}
+LR_C = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+LIGHTGBM_LEAVES = (7, 15, 31)
+
+
+def require_prepared(prepared: Path, files: tuple[str, ...] = ("train", "validation", "test", "feature_map.json")) -> None:
+    """Fail with one clear line, not a Parquet traceback, when ``prepared`` is not a prepared folder."""
+    missing = [name for name in files if not (prepared / name).exists()]
+    if missing:
+        raise SystemExit(f"{prepared} is not a prepared folder (no {', '.join(missing)}): run `python jobs/prepare.py ...` for it first")
+
+
+# --- Ranking ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Binary user x item matrix of some splits' positives, items in catalog order."""
+
+    matrix: sp.csr_matrix  # (U, A) float32, 1.0 where the user has a positive with the item
+    user_keys: np.ndarray  # (U,) ascending int64: row i is user user_keys[i]
+
+    @classmethod
+    def from_prepared(cls, prepared: Path, splits: tuple[str, ...], user_keys: np.ndarray, catalog_ids: pa.Array) -> Interactions:
+        """The positives of ``splits``, one row per key of ``user_keys`` (ascending), duplicates counted once."""
+        table = pa.concat_tables([pq.read_table(prepared / split, columns=["user_key", "raw_ad_id", "label"]) for split in splits])
+        table = table.filter(pc.greater(table["label"], 0.5))
+        items = catalog_rows(table["raw_ad_id"], catalog_ids)
+        users = np.searchsorted(user_keys, table["user_key"].to_numpy())
+        known = items >= 0  # a positive of an ad outside the catalog cannot be recommended
+        matrix = sp.csr_matrix((np.ones(int(known.sum()), np.float32), (users[known], items[known])), shape=(len(user_keys), len(catalog_ids)))
+        matrix.data[:] = 1.0  # csr_matrix sums duplicates
+        return cls(matrix=matrix, user_keys=user_keys)
+
+    def rows_of(self, keys: np.ndarray) -> np.ndarray:
+        """(Q,) user keys -> (Q,) rows of the matrix (every key must be in ``user_keys``)."""
+        return np.searchsorted(self.user_keys, keys)
+
+
+def fit_mostpop(x: sp.csr_matrix) -> Scorer:
+    """Every user gets the items by their number of positives in ``x`` (U, A)."""
+    counts = np.asarray(x.sum(axis=0)).ravel()  # (A,)
+    return lambda rows: np.broadcast_to(counts, (len(rows), len(counts)))
+
+
+def fit_itemknn(x: sp.csr_matrix, neighbours: int) -> Scorer:
+    """Score(u, j) = sum over the user's items i of cos(i, j), keeping for each target item j only its
+    ``neighbours`` most similar items. Dense (A, A): for catalogs up to some 10^4 items."""
+    co = (x.T @ x).toarray().astype(np.float64)  # (A, A) co-occurrence counts
+    norms = np.sqrt(np.diag(co))
+    similarity = co / np.maximum(np.outer(norms, norms), 1e-12)
+    np.fill_diagonal(similarity, 0.0)  # an item is not its own neighbour
+    if neighbours < similarity.shape[0]:
+        weakest = np.argpartition(-similarity, neighbours, axis=0)[neighbours:]  # per column j: all but the top `neighbours`
+        np.put_along_axis(similarity, weakest, 0.0, axis=0)
+    return lambda rows: np.asarray(x[rows] @ similarity)
+
+
+def ease_weights(x: sp.csr_matrix, l2: float) -> np.ndarray:
+    """EASE's item-item weights B (A, A): argmin ||X - XB||^2 + l2 ||B||^2 with diag(B) = 0, in closed
+    form B = I - P diag(1 / diag(P)), P = (X'X + l2 I)^-1 (Steck 2019)."""
+    gram = (x.T @ x).toarray().astype(np.float64)
+    gram[np.diag_indices_from(gram)] += l2
+    p = np.linalg.inv(gram)
+    weights = -p / np.diag(p)[None, :]
+    np.fill_diagonal(weights, 0.0)
+    return weights
+
+
+def fit_ease(x: sp.csr_matrix, l2: float) -> Scorer:
+    """Score = X B, B from ``ease_weights``."""
+    weights = ease_weights(x, l2)
+    return lambda rows: np.asarray(x[rows] @ weights)
+
+
+def fit_implicit(x: sp.csr_matrix, kind: str, factors: int, regularization: float, iterations: int, seed: int) -> Scorer:
+    """``implicit``'s ALS or BPR (its CPU models) on the binary matrix; score = user . item factors
+    (BPR's factors carry its item bias as one more column)."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+    model_class = AlternatingLeastSquares if kind == "als" else BayesianPersonalizedRanking
+    with threadpool_limits(1, "blas"):  # implicit runs its own threads; nested BLAS threads only slow it
+        model = model_class(factors=factors, regularization=regularization, iterations=iterations, num_threads=THREADS, random_state=seed)
+        model.fit(x, show_progress=False)
+    users, items = np.asarray(model.user_factors), np.asarray(model.item_factors)
+    return lambda rows: users[rows] @ items.T
+
+
+def fit_ranking_peer(name: str, x: sp.csr_matrix, params: dict, seed: int) -> Scorer:
+    """The scorer of peer ``name`` fitted on ``x`` (U, A) with ``params`` (one point of its grid)."""
+    if name == "mostpop":
+        return fit_mostpop(x)
+    if name == "itemknn":
+        return fit_itemknn(x, **params)
+    if name == "ease":
+        return fit_ease(x, **params)
+    if name in ("als", "bpr"):
+        return fit_implicit(x, name, **params, seed=seed)
+    raise ValueError(f"unknown ranking peer {name!r}; known: {', '.join(RANKING_GRIDS)}")
+
+
+def score_task(task: UserRankingTask, data: Interactions, scorer: Scorer) -> dict[str, float]:
+    """The task's metrics of ``scorer``, whose rows are ``data``'s users."""
+    rows = data.rows_of(task.users)
+    return task.metrics(lambda chunk: scorer(rows[chunk]), KS)
+
+
+def ranking_peers(prepared: Path, seed: int, names: tuple[str, ...] = tuple(RANKING_GRIDS)) -> dict[str, dict]:
+    """Each ranking peer tuned on validation (by ``SELECT``), refitted on train + validation and
+    scored on test: {name: {"recall@10", "ndcg@10", "hitrate@10", "validation_recall@10", "params", "seconds"}}."""
+    require_prepared(prepared, ("train", "validation", "test", "ads.parquet"))
+    catalog_ids = pq.read_table(prepared / "ads.parquet", columns=["raw_ad_id"])["raw_ad_id"].combine_chunks()
+    keys = np.unique(
+        np.concatenate([pq.read_table(prepared / s, columns=["user_key"])["user_key"].to_numpy() for s in ("train", "validation", "test")])
+    )
+    train = Interactions.from_prepared(prepared, ("train",), keys, catalog_ids)
+    train_and_validation = Interactions.from_prepared(prepared, ("train", "validation"), keys, catalog_ids)
+    validation_task = UserRankingTask.from_prepared(prepared, catalog_ids, target="validation", seen=("train",))
+    test_task = UserRankingTask.from_prepared(prepared, catalog_ids, target="test", seen=("train", "validation"))
+    results = {}
+    for name in names:
+        started = time.time()
+        tried = [
+            (score_task(validation_task, train, fit_ranking_peer(name, train.matrix, params, seed))[SELECT], params) for params in RANKING_GRIDS[name]
+        ]
+        best_value, best = max(tried, key=lambda pair: pair[0])  # the first of equals: grids run from small to large
+        test = score_task(test_task, train_and_validation, fit_ranking_peer(name, train_and_validation.matrix, best, seed))
+        results[name] = {**test, f"validation_{SELECT}": best_value, "params": best, "seconds": round(time.time() - started, 1)}
+    return results
+
+
+# --- CTR ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CtrSplits:
+    """A prepared folder's splits as frames, with the encoded feature columns by how a peer uses them."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    categorical: list[str]  # integer ids: categorical features' vocabulary ids and dense features' quantile buckets
+    dense: list[str]  # float values (log1p where the feature map says so)
+
+    @classmethod
+    def from_prepared(cls, prepared: Path) -> CtrSplits:
+        """Read the splits; the feature map names the columns (sequence features, e.g. histories, are left out)."""
+        require_prepared(prepared)
+        feature_map = FeatureMap.load(prepared / "feature_map.json")
+        categorical = [f.name for f in feature_map.features if f.kind in ("categorical", "bucket")]
+        dense = [f.name for f in feature_map.features if f.kind == "dense"]
+        read = lambda split: pq.read_table(prepared / split, columns=[*categorical, *dense, "label"]).to_pandas()  # noqa: E731
+        return cls(read("train"), read("validation"), read("test"), categorical, dense)
+
+    @property
+    def train_and_validation(self) -> pd.DataFrame:
+        return pd.concat([self.train, self.validation], ignore_index=True)
+
+
+def ctr_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+
+
+def fit_logistic_regression(splits: CtrSplits, fit: pd.DataFrame, c: float):
+    """L2 logistic regression on [one-hot(categorical), dense] of ``fit``; returns frame -> (N,) P(click)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import OneHotEncoder
+
+    encoder = OneHotEncoder(handle_unknown="ignore").fit(fit[splits.categorical])
+
+    def design(frame: pd.DataFrame) -> sp.csr_matrix:
+        return sp.hstack([encoder.transform(frame[splits.categorical]), frame[splits.dense].to_numpy()]).tocsr()
+
+    model = LogisticRegression(C=c, max_iter=2000).fit(design(fit), fit["label"])
+    return lambda frame: model.predict_proba(design(frame))[:, 1]
+
+
+def logistic_regression(splits: CtrSplits) -> dict:
+    """C chosen by validation logloss (fit on train), then refitted on train + validation: test AUC, logloss."""
+    tried = [(logloss(splits.validation["label"], fit_logistic_regression(splits, splits.train, c)(splits.validation)), c) for c in LR_C]
+    best_logloss, c = min(tried)
+    predict = fit_logistic_regression(splits, splits.train_and_validation, c)
+    return {**ctr_metrics(splits.test["label"].to_numpy(), predict(splits.test)), "validation_logloss": best_logloss, "params": {"C": c}}
+
+
+def lightgbm_params(num_leaves: int, seed: int) -> dict:
+    # Settings for a few thousand rows: shallow trees, many rows per leaf and per category, L2 on
+    # leaves and on categorical splits; the number of rounds comes from early stopping.
+    return {
+        "objective": "binary",
+        "learning_rate": 0.05,
+        "num_leaves": num_leaves,
+        "min_data_in_leaf": 50,
+        "min_data_per_group": 50,
+        "cat_smooth": 10.0,
+        "lambda_l2": 1.0,
+        "feature_fraction": 0.8,
+        "seed": seed,
+        "num_threads": THREADS,
+        "verbosity": -1,
+    }
+
+
+def lightgbm(splits: CtrSplits, seed: int) -> dict:
+    """LightGBM with the ids as categoricals: leaves chosen and rounds early-stopped (50 without a
+    better validation logloss) on validation, then refitted on train + validation with those rounds."""
+    import lightgbm as lgb
+
+    columns = [*splits.categorical, *splits.dense]
+
+    def dataset(frame: pd.DataFrame) -> lgb.Dataset:
+        return lgb.Dataset(frame[columns], frame["label"], categorical_feature=splits.categorical, free_raw_data=False)
+
+    tried = []
+    for leaves in LIGHTGBM_LEAVES:
+        params = lightgbm_params(leaves, seed)
+        booster = lgb.train(
+            params,
+            dataset(splits.train),
+            num_boost_round=2000,
+            valid_sets=[dataset(splits.validation)],
+            callbacks=[lgb.early_stopping(50, verbose=False)],
+        )
+        tried.append((booster.best_score["valid_0"]["binary_logloss"], leaves, booster.best_iteration))
+    best_logloss, leaves, rounds = min(tried)
+    booster = lgb.train(lightgbm_params(leaves, seed), dataset(splits.train_and_validation), num_boost_round=rounds)
+    return {
+        **ctr_metrics(splits.test["label"].to_numpy(), booster.predict(splits.test[columns])),
+        "validation_logloss": best_logloss,
+        "params": {"num_leaves": leaves, "rounds": rounds},
+    }
+
+
+def ctr_peers(prepared: Path, seed: int) -> dict[str, dict]:
+    """{"lr": {...}, "lightgbm": {...}}: test AUC and logloss of each, with what was chosen on validation."""
+    splits = CtrSplits.from_prepared(prepared)
+    return {"lr": logistic_regression(splits), "lightgbm": lightgbm(splits, seed)}
+
+
+# --- The synthetic log's well-specified reference ------------------------------------------------
+
+
+class LogisticMF(torch.nn.Module):
+    """The generator's click model (adrec/data/synthetic.py) with every unknown learned:
+
+        logit = bias + <P[user], Q[ad]> + ad_bias[ad] + slot_bias[slot]
+
+    which is ``base + affinity * <u, a> / sqrt(d) + quality[ad] + slot_effect[slot]`` with the
+    scale folded into P and Q (U, d) and (A, d). Ids are the prepared (encoded) columns."""
+
+    def __init__(self, users: int, ads: int, slots: int, rank: int):
+        super().__init__()
+        self.user = torch.nn.Embedding(users, rank)
+        self.ad = torch.nn.Embedding(ads, rank)
+        self.ad_bias = torch.nn.Embedding(ads, 1)
+        self.slot_bias = torch.nn.Embedding(slots, 1)
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+        for table in (self.user, self.ad):
+            torch.nn.init.normal_(table.weight, std=0.1)
+        for table in (self.ad_bias, self.slot_bias):
+            torch.nn.init.zeros_(table.weight)
+
+    def forward(self, user: torch.Tensor, ad: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 ids each -> (N,) click logits."""
+        return self.bias + (self.user(user) * self.ad(ad)).sum(-1) + self.ad_bias(ad).squeeze(-1) + self.slot_bias(slot).squeeze(-1)
+
+    def penalty(self, user: torch.Tensor, ad: torch.Tensor) -> torch.Tensor:
+        """Mean squared norm of the rows' latent vectors and ad biases: L2 where the data is (N,) -> ()."""
+        return ((self.user(user) ** 2).sum(-1) + (self.ad(ad) ** 2).sum(-1) + self.ad_bias(ad).squeeze(-1) ** 2).mean()
+
+
+def mf_tensors(prepared: Path, split: str) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+    """((user, ad, slot) int64 tensors (N,), labels (N,) float32) of one split."""
+    table = pq.read_table(prepared / split, columns=["user_id", "ad_id", "slot", "label"])
+    ids = tuple(torch.from_numpy(table[c].to_numpy().astype(np.int64)) for c in ("user_id", "ad_id", "slot"))
+    return ids, table["label"].to_numpy().astype(np.float32)
+
+
+def fit_logistic_mf(prepared: Path, rank: int, l2: float, seed: int, steps: int = 400, lr: float = 0.05) -> LogisticMF:
+    """Full-batch Adam on the train split's BCE + ``l2`` * ``LogisticMF.penalty``."""
+    torch.manual_seed(seed)
+    feature_map = FeatureMap.load(prepared / "feature_map.json")
+    model = LogisticMF(*(feature_map.cardinality(name) for name in ("user_id", "ad_id", "slot")), rank)
+    ids, labels = mf_tensors(prepared, "train")
+    target = torch.from_numpy(labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(*ids), target) + l2 * model.penalty(ids[0], ids[1])
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+@torch.no_grad()
+def predict_mf(model: LogisticMF, prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), P(click) (N,)) of ``split``."""
+    ids, labels = mf_tensors(prepared, split)
+    return labels, torch.sigmoid(model(*ids)).numpy()
+
+
+def well_specified_reference(prepared: Path, rank: int, seed: int, l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)) -> dict:
+    """LogisticMF fitted on train, its L2 chosen by validation logloss: test AUC, logloss and,
+    when the split carries ``true_pctr``, the oracle's AUC and the ratio."""
+    require_prepared(prepared)
+    torch.set_num_threads(THREADS)
+    tried = []
+    for l2 in l2_grid:
+        model = fit_logistic_mf(prepared, rank, l2, seed)
+        tried.append((logloss(*predict_mf(model, prepared, "validation")), l2, model))
+    _, l2, model = min(tried, key=lambda t: t[0])
+    labels, probs = predict_mf(model, prepared, "test")
+    result = {**ctr_metrics(labels, probs), "params": {"l2": l2, "rank": rank}}
+    truth = (
+        pq.read_table(prepared / "test", columns=["true_pctr"])["true_pctr"].to_numpy()
+        if "true_pctr" in pq.read_schema(prepared / "test").names
+        else None
+    )
+    if truth is not None:
+        result["oracle_auc"] = auc(labels, truth)
+        result["auc_over_oracle"] = result["auc"] / result["oracle_auc"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prepared", type=Path, help="a folder jobs/prepare.py wrote")
+    parser.add_argument("--task", choices=["ranking", "ctr", "synthetic"], required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peers", nargs="+", choices=list(RANKING_GRIDS), default=list(RANKING_GRIDS), help="ranking peers to run")
+    parser.add_argument("--rank", type=int, default=8, help="synthetic: the generator's latent_dim")
+    args = parser.parse_args()
+    if args.task == "ranking":
+        result = ranking_peers(args.prepared, args.seed, tuple(args.peers))
+    elif args.task == "ctr":
+        result = ctr_peers(args.prepared, args.seed)
+    else:
+        result = {"reference": well_specified_reference(args.prepared, args.rank, args.seed)}
+    json.dump(result, sys.stdout, indent=2, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)
+    print()
+
+
+if __name__ == "__main__":
+    main()
