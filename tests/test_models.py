@@ -57,6 +57,19 @@ def test_item_bias_adds_a_learned_scalar_per_ad_to_the_dot_product():
         EmbeddingMLPTower({"user_id": 10}, {}, 8, [], 5, score_column="bias:ad_id")
 
 
+def test_history_dropout_keeps_the_remaining_clicks_in_order_at_the_front():
+    from adrec.models.towers import _drop_clicks
+
+    torch.manual_seed(0)
+    items = torch.arange(1, 7, dtype=torch.float32).reshape(1, 6, 1)  # clicks 1..5, then padding
+    mask = torch.tensor([[True] * 5 + [False]])
+    kept_items, kept = _drop_clicks(items, mask, 0.5)
+    n = int(kept.sum())
+    assert 0 < n < 5 and kept[0, :n].all() and not kept[0, n:].any()
+    values = kept_items[0, :n, 0].tolist()
+    assert values == sorted(values) and set(values) < {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
 ENCODERS = ["mlp", "cnn", "gru", "attention"]
 
 

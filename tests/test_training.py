@@ -80,6 +80,30 @@ def test_training_stops_after_patience_epochs_without_a_better_score(tiny_run, t
     assert result["best"]["epoch"] == 1
 
 
+def test_each_epoch_ranks_the_catalog_for_validation_users_and_selects_on_it(tiny_run, tmp_path):
+    cfg = compose_config(
+        tmp_path,
+        f"paths.prepared_dir={tiny_run['cfg'].paths.prepared_dir}",
+        "trainer.num_workers=1",
+        "trainer.epochs=2",
+        "trainer.validation_ranking_k=10",
+        "trainer.select_metric=val_ndcg@10",
+        "model.item_bias=true",
+    )
+    result = driver.run(cfg)
+    scores = [e["val_ndcg@10"] for e in result["epochs"]]
+    assert all(0.0 <= s <= 1.0 for s in scores) and all(e["val_ranking_users"] > 0 for e in result["epochs"])
+    assert result["best"]["epoch"] == 1 + scores.index(max(scores))
+    model = load_checkpoint(result["best_checkpoint"])
+    assert model.ad_tower.width == model.user_tower.width == model.ad_tower.config["output_dim"] + 1
+
+
+def test_a_ranking_select_metric_needs_its_k(tmp_path):
+    cfg = compose_config(tmp_path, "trainer.select_metric=val_recall@10")
+    with pytest.raises(ValueError, match="validation_ranking_k=10"):
+        driver.run(cfg)
+
+
 def test_plateau_decays_the_rate_and_stops_on_its_own_counts():
     from adrec.train.loop import Plateau
 

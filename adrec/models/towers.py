@@ -26,6 +26,14 @@ def mlp(input_dim: int, hidden_dims: list[int], output_dim: int) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
+def _drop_clicks(items: torch.Tensor, mask: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide a random ``share`` of the clicks, keeping the rest in order at the front (the encoders
+    read a real prefix, newest first). items: (B, L, E), mask: (B, L) -> the same shapes."""
+    keep = mask & (torch.rand(mask.shape, device=mask.device) >= share)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept positions first, in order
+    return items.gather(1, order.unsqueeze(-1).expand_as(items)), keep.gather(1, order)
+
+
 class EmbeddingMLPTower(nn.Module):
     """Concatenate embeddings of categorical features, pooled id lists, the encoded behaviour
     sequence and dense values; apply an MLP.
@@ -40,6 +48,8 @@ class EmbeddingMLPTower(nn.Module):
     dense: feature names, each input (B,) float32.
     oov_dropout: share of training values of each categorical feature replaced by OOV, so every
         OOV row learns what "unknown" means: a new user or ad, a missing attribute or context.
+    history_dropout: share of training clicks of the behaviour sequence hidden (as padding), so the
+        tower learns from every subset of a history, not its exact set (Mult-DAE's input dropout).
     normalize, temperature: the output is L2-normalised when ``normalize`` and divided by
         sqrt(temperature), so a dot product of two towers' outputs is cos / temperature.
     sparse: id tables produce sparse gradients (only the rows a batch touched), for tables too
@@ -67,6 +77,7 @@ class EmbeddingMLPTower(nn.Module):
         temperature: float = 1.0,
         sparse: bool = False,
         score_column: str | None = None,
+        history_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         behaviour = dict(behaviour or {})
@@ -87,6 +98,7 @@ class EmbeddingMLPTower(nn.Module):
             "temperature": temperature,
             "sparse": sparse,
             "score_column": score_column,
+            "history_dropout": history_dropout,
         }
         self.embeddings = nn.ModuleDict({name: nn.Embedding(card, embedding_dim, sparse=sparse) for name, card in categorical.items()})
         # EmbeddingBag with padding_idx leaves PAD out of the mean; an empty sequence pools to zeros.
@@ -101,6 +113,7 @@ class EmbeddingMLPTower(nn.Module):
         self.oov_dropout = oov_dropout
         self.normalize = normalize
         self.scale = temperature**-0.5
+        self.history_dropout = history_dropout
         self.score_column = score_column
         self.id_bias = None
         if score_column and score_column != "one":
@@ -147,4 +160,6 @@ class EmbeddingMLPTower(nn.Module):
         first = next(iter(self.behaviour))
         mask = features[first] != PAD  # (B, L)
         items = sum(embedding(features[name]) for name, embedding in self.behaviour.items())  # (B, L, E)
+        if self.training and self.history_dropout > 0:
+            items, mask = _drop_clicks(items, mask, self.history_dropout)
         return self.sequence_encoder(items, mask)

@@ -49,6 +49,7 @@ def build_two_tower(
     hidden_dims: list[int],
     output_dim: int,
     oov_dropout: float,
+    history_dropout: float,
     user_encoder: EncoderOptions,
     normalize: bool,
     temperature: float,
@@ -59,6 +60,7 @@ def build_two_tower(
     """Size both towers from ``feature_map``: user + context features on one side, ad features on the other.
 
     The options are conf/model/two_tower.yaml's, which states each (no defaults here):
+    history_dropout: share of a history's clicks hidden in training (see EmbeddingMLPTower).
     user_encoder: the behaviour sequence's encoder (conf/model/user_encoder/, adrec.models.sequence).
     normalize, temperature: U . V becomes cos(U, V) / temperature (see EmbeddingMLPTower).
     drop_features: features the towers leave out, e.g. [user_id] so that users are known only by
@@ -95,6 +97,7 @@ def build_two_tower(
             output_dim,
             dense=names("dense"),
             oov_dropout=oov_dropout,
+            history_dropout=history_dropout if encoder else 0.0,
             behaviour={n: feature_map.cardinality(n) for n in behaviour},
             encoder=encoder,
             max_len=max((feature_map.spec(n).max_len for n in behaviour), default=0),

@@ -59,6 +59,8 @@ class TrainerOptions:
     keep_checkpoints: int
     select_metric: str
     select_mode: str
+    validation_ranking_k: int
+    validation_ranking_users: int
     checkpoint_every_steps: int
     max_failures: int
     resume_from: str | None
@@ -109,6 +111,7 @@ class LoopConfig:
     early_stopping_patience: int  # 0: train every epoch
     lr_decay_patience: int  # 0: a constant learning rate
     lr_decay_factor: float
+    validation_ranking: tuple[str, int, int] | None  # (prepared folder, K, users): per-epoch val_recall@K, val_ndcg@K
     checkpoint_every_steps: int  # 0: checkpoint at epoch ends only
     resume_from: str | None  # a verified checkpoint to warm-start the weights from
     log_every_steps: int  # 0: per epoch only
@@ -119,7 +122,7 @@ class LoopConfig:
     fault_marker: str | None  # the file that records the fault was injected, so a restart goes on
 
     def __post_init__(self) -> None:
-        paths = [self.feature_map, self.catalog, self.resume_from, self.fault_marker, *self.validation_files]
+        paths = [self.feature_map, self.catalog, self.resume_from, self.fault_marker, *self.validation_files, *(self.validation_ranking or ())[:1]]
         relative = [p for p in paths if p is not None and not os.path.isabs(p)]
         if self.tensorboard_dir and "://" not in self.tensorboard_dir and not os.path.isabs(self.tensorboard_dir):
             relative.append(self.tensorboard_dir)

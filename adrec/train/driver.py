@@ -96,6 +96,7 @@ def loop_config(trainer: TrainerOptions, model: dict, seed: int, prepared: Path,
         early_stopping_patience=trainer.early_stopping_patience,
         lr_decay_patience=trainer.lr_decay_patience,
         lr_decay_factor=trainer.lr_decay_factor,
+        validation_ranking=validation_ranking(trainer, model, prepared),
         checkpoint_every_steps=trainer.checkpoint_every_steps,
         resume_from=warm_start(trainer.resume_from, prepared),
         log_every_steps=trainer.log_every_steps,
@@ -105,6 +106,25 @@ def loop_config(trainer: TrainerOptions, model: dict, seed: int, prepared: Path,
         fail_at_step=trainer.fail_at_step or None,
         fault_marker=str(train_dir / f"fault_injected-{run_name}") if trainer.fail_at_step else None,
     )
+
+
+def check_select_metric(trainer: TrainerOptions) -> None:
+    """A ranking select_metric (val_recall@K, val_ndcg@K) needs the epochs to rank at that K."""
+    wants_k = trainer.select_metric.partition("@")[2]
+    if wants_k and wants_k != str(trainer.validation_ranking_k):
+        raise ValueError(f"trainer.select_metric={trainer.select_metric} is reported with trainer.validation_ranking_k={wants_k}")
+
+
+def validation_ranking(trainer: TrainerOptions, model: dict, prepared: Path) -> tuple[str, int, int] | None:
+    """(prepared folder, K, users) when each epoch should rank the catalog for validation users; else None."""
+    check_select_metric(trainer)
+    if not trainer.validation_ranking_k:
+        return None
+    if "two_tower" not in str(model.get("_target_")):
+        raise ValueError("trainer.validation_ranking_k ranks the catalog by U . V: it needs the two-tower model, not a ranker")
+    if not (prepared / "ads.parquet").exists():
+        raise ValueError("trainer.validation_ranking_k needs an ad catalog (data.ads) to rank")
+    return (str(prepared), trainer.validation_ranking_k, trainer.validation_ranking_users)
 
 
 def epoch_files(split: Path, epochs: int, seed: int) -> list[tuple[pyarrow.fs.FileSystem, str]]:
@@ -166,7 +186,7 @@ def train(prepared_dir: Path, train_dir: Path, model: dict, trainer: TrainerOpti
     # Mid-epoch checkpoints carry a NaN score: only epoch ends compete for best.
     scored = [(c, m) for c, m in result.best_checkpoints if math.isfinite(float(m.get(score, math.nan)))]
     if not scored:
-        raise RuntimeError(f"training reported no {score}: is trainer.select_metric one of val_auc, val_loss, val_logloss?")
+        raise RuntimeError(f"training reported no {score}: is trainer.select_metric one of val_auc, val_loss, val_logloss, val_recall@K, val_ndcg@K?")
     best, best_metrics = (max if order == "max" else min)(scored, key=lambda cm: cm[1][score])
     trained = TrainResult(
         best_checkpoint=local_checkpoint(best, train_dir),
@@ -189,6 +209,7 @@ def run(cfg) -> dict:
     trainer = TrainerOptions.from_config(cfg.trainer)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model_builder(model)
+    check_select_metric(trainer)
     init_ray_from(cfg)
     result = train(Path(resolve(cfg.paths.prepared_dir)), Path(resolve(cfg.paths.train_dir)), model, trainer, int(cfg.seed))
     return result.to_json()

@@ -39,6 +39,7 @@ from adrec.train.config import LoopConfig
 from adrec.train.losses import LossConfig, candidate_log_q, catalog_rows_of_ids, full_softmax, in_batch_softmax
 from adrec.train.monitor import EpochLog
 from adrec.train.optim import SparseDenseAdam, build_optimizer
+from adrec.train.ranking import RankingValidation
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,7 @@ class Run:
         self.bare = getattr(self.model, "module", self.model)  # DDP wraps only when world size > 1
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.embedding_l2)
         self.objective = Objective(LossConfig.from_dict(loss_options), self.feature_map, config.catalog, self.device)
+        self.ranking = RankingValidation(*config.validation_ranking, self.feature_map) if config.validation_ranking else None
         progress = restore(self.bare, self.optimizer, config.resume_from)
         self.epoch = int(progress.get("epoch", 0))  # completed epochs
         self.step = int(progress.get("step", 0))
@@ -380,10 +382,13 @@ class Run:
         probs, labels, val_loss = validate(self.model, batches, self.objective, self.autocast)
         losses = _gather(np.array([val_loss * len(labels) if len(labels) else 0.0]))
         probs, labels = _gather(probs), _gather(labels)
+        # Every worker ranks the same users with the same (synchronised) weights, so all report alike.
+        ranking = self.ranking(self.bare) if self.ranking else {}
         return {
             "val_loss": float(losses.sum() / max(len(labels), 1)),
             "val_auc": auc(labels, probs),
             "val_logloss": logloss(labels, probs),
+            **ranking,
             "validate_seconds": time.perf_counter() - started,
         }
 
