@@ -32,6 +32,7 @@ from pathlib import Path
 from unittest import mock
 
 import ray
+import ray.data
 import ray.train
 import ray.tune
 from omegaconf import OmegaConf
@@ -214,6 +215,9 @@ def train_reporting_to_tune(prepared: Path, train_dir: Path, model: dict, traine
 def run_trial(values: dict, *, base: dict, prepared: str, seed: int, trials_dir: str) -> None:
     """A Tune function trainable: the training stage with the trial's sampled ``values``."""
     train_dir = Path(trials_dir) / ray.tune.get_context().get_trial_id()
+    # As adrec.runtime.init_ray does on the driver: the trial's process starts with Ray Data's
+    # per-operator progress bars on, which would interleave with every other trial's output.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     model, trainer = trial_settings(base, values, train_dir)
     train_reporting_to_tune(Path(prepared), train_dir, model, trainer, seed)
 
