@@ -41,6 +41,14 @@ def test_splits_follow_time_and_cover_every_impression(tiny_run):
     assert sum(len(v) for v in ts.values()) == tiny_run["generate"]["events"]["impression"]
 
 
+def test_training_rows_are_written_shuffled_not_grouped_by_user(tiny_run):
+    # Preparation partitions the log by user; a trainer's local shuffle buffer could not undo that.
+    keys = pq.read_table(Path(tiny_run["cfg"].paths.prepared_dir) / "train", columns=["user_key"])["user_key"].to_numpy()
+    same_user_as_previous = float(np.mean(keys[1:] == keys[:-1]))
+    users = len(np.unique(keys))
+    assert same_user_as_previous < 5.0 / users, (same_user_as_previous, users)  # grouped rows would give ~1 - users / rows
+
+
 def read_log(path, columns) -> pd.DataFrame:
     """The raw log with ``ts`` as int64 epoch milliseconds."""
     table = pq.read_table(path, columns=columns)

@@ -207,11 +207,11 @@ def fit_feature_map(
     return FeatureMap(specs, vocabularies, metadata=metadata)
 
 
-def write_splits(examples: Path, feature_map: FeatureMap, lookups: dict, out: Path, rows_per_file: int) -> dict:
-    """Encode and write ``out/{train,validation,test}/``; return examples and clicks per split."""
+def write_splits(examples: Path, feature_map: FeatureMap, lookups: dict, out: Path, rows_per_file: int, seed: int) -> dict:
+    """Encode and write ``out/{train,validation,test}/`` (rows shuffled, seeded); return examples and clicks per split."""
     used = staged(examples).map_batches(drop_unused, batch_size=BATCH_ROWS, batch_format="pyarrow")
     encoded = used.map_batches(
-        encode_examples, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map, "lookups": lookups}
+        encode_examples, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map, "lookups": lookups, "seed": seed}
     )
     # One streaming pass writes all three splits (hive folders split=train, ...), so the encoded
     # examples never sit in the object store; the folders are then renamed to plain split names.
@@ -290,7 +290,7 @@ def prepare(data: Mapping, out: Path, seed: int, *, grow_from: Path | None = Non
     feature_map = fit_feature_map(examples, specs, min_count, quantiles, base, seed, metadata)
     feature_map.save(out / "feature_map.json")
     lookups = history_lookups(ads, p.history_attributes)
-    splits = write_splits(examples, feature_map, lookups, out, p.rows_per_file)
+    splits = write_splits(examples, feature_map, lookups, out, p.rows_per_file, seed)
     write_serving_tables(kept, options.label_rule, p.history_length, feature_map, out, partitions, users, ads)
     shutil.rmtree(out / "_stage")
 
