@@ -13,7 +13,8 @@ CTR (labelled impressions; AUC and logloss by ``adrec.eval.metrics``):
     lr        scikit-learn logistic regression on the one-hot encoded ids and buckets plus the dense values (C tuned)
     lightgbm  LightGBM on the encoded ids (as categoricals) and dense values, early-stopped on validation
 Synthetic logs:
-    LogisticMF  the generator's own functional form, the well-specified reference for the towers
+    LogisticMF  the generator's own functional form (attribute + own latent vectors, ad and slot biases), the
+                well-specified reference for the towers
 
 What each peer fits on. Ranking and CTR peers choose their hyperparameters on the validation split
 (fit on train; for ranking, relevant = validation positives and train items excluded), then
@@ -21,7 +22,7 @@ What each peer fits on. Ranking and CTR peers choose their hyperparameters on th
 every train and validation item, so a ranking peer must know them, and the CTR peers do the same
 for symmetry (logistic regression was always fitted on train + validation here). MostPop has
 nothing to tune and counts train + validation positives. adrec itself trains on train and selects
-on validation. LogisticMF fits on train only (its L2 chosen on validation), as the towers do.
+on validation. LogisticMF fits on train only (its L2 and epochs chosen on validation), as the towers do.
 
     python benchmarks/peers.py /tmp/adrec-bench-quality/movielens-0/prepared --task ranking
     python benchmarks/peers.py /tmp/adrec-bench-quality/criteo-0-0/prepared --task ctr
@@ -30,6 +31,7 @@ on validation. LogisticMF fits on train only (its L2 chosen on validation), as t
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -307,84 +309,121 @@ def ctr_peers(prepared: Path, seed: int) -> dict[str, dict]:
 
 # --- The synthetic log's well-specified reference ------------------------------------------------
 
+# How adrec/data/synthetic.py builds its hidden vectors, as prepared columns: a user's latent interest is
+# the sum of its age, gender and region vectors plus its own; an ad's topic is its category's vector plus its own.
+USER_PARTS = ("user_id", "age_bucket", "gender", "region")
+AD_PARTS = ("ad_id", "category")
+MF_COLUMNS = (*USER_PARTS, *AD_PARTS, "slot")
+
 
 class LogisticMF(torch.nn.Module):
     """The generator's click model (adrec/data/synthetic.py) with every unknown learned:
 
-        logit = bias + <P[user], Q[ad]> + ad_bias[ad] + slot_bias[slot]
+        logit = bias + <P(user), Q(ad)> + ad_bias[ad] + slot_bias[slot]
+        P(user) = age[.] + gender[.] + region[.] + own[user]      Q(ad) = category[.] + own[ad]
 
-    which is ``base + affinity * <u, a> / sqrt(d) + quality[ad] + slot_effect[slot]`` with the
-    scale folded into P and Q (U, d) and (A, d). Ids are the prepared (encoded) columns."""
+    which is ``base + affinity * <u, a> / sqrt(d) + quality[ad] + slot_effect[slot]`` with the scale
+    folded into P and Q, (N, d) each. Ids are the prepared (encoded) columns of ``MF_COLUMNS``."""
 
-    def __init__(self, users: int, ads: int, slots: int, rank: int):
+    def __init__(self, sizes: dict[str, int], rank: int):
         super().__init__()
-        self.user = torch.nn.Embedding(users, rank)
-        self.ad = torch.nn.Embedding(ads, rank)
-        self.ad_bias = torch.nn.Embedding(ads, 1)
-        self.slot_bias = torch.nn.Embedding(slots, 1)
+        self.vectors = torch.nn.ModuleDict({name: torch.nn.Embedding(sizes[name], rank) for name in (*USER_PARTS, *AD_PARTS)})
+        self.ad_bias = torch.nn.Embedding(sizes["ad_id"], 1)
+        self.slot_bias = torch.nn.Embedding(sizes["slot"], 1)
         self.bias = torch.nn.Parameter(torch.zeros(()))
-        for table in (self.user, self.ad):
+        for table in self.vectors.values():
             torch.nn.init.normal_(table.weight, std=0.1)
         for table in (self.ad_bias, self.slot_bias):
             torch.nn.init.zeros_(table.weight)
 
-    def forward(self, user: torch.Tensor, ad: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """(N,) int64 ids each -> (N,) click logits."""
-        return self.bias + (self.user(user) * self.ad(ad)).sum(-1) + self.ad_bias(ad).squeeze(-1) + self.slot_bias(slot).squeeze(-1)
+    def part(self, names: tuple[str, ...], ids: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, d): the sum of the ``names`` tables' rows."""
+        return torch.stack([self.vectors[name](ids[name]) for name in names]).sum(0)
 
-    def penalty(self, user: torch.Tensor, ad: torch.Tensor) -> torch.Tensor:
-        """Mean squared norm of the rows' latent vectors and ad biases: L2 where the data is (N,) -> ()."""
-        return ((self.user(user) ** 2).sum(-1) + (self.ad(ad) ** 2).sum(-1) + self.ad_bias(ad).squeeze(-1) ** 2).mean()
+    def forward(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{column: (N,) int64} -> (N,) click logits."""
+        affinity = (self.part(USER_PARTS, ids) * self.part(AD_PARTS, ids)).sum(-1)
+        return self.bias + affinity + self.ad_bias(ids["ad_id"]).squeeze(-1) + self.slot_bias(ids["slot"]).squeeze(-1)
+
+    def penalty(self, ids: dict[str, torch.Tensor]) -> torch.Tensor:
+        """() mean squared norm of the rows' own user and ad vectors and ad biases: the generator draws each
+        as Gaussian noise, so L2 is their prior. The shared attribute vectors are well determined and go free."""
+        own = (self.vectors["user_id"](ids["user_id"]) ** 2).sum(-1) + (self.vectors["ad_id"](ids["ad_id"]) ** 2).sum(-1)
+        return (own + self.ad_bias(ids["ad_id"]).squeeze(-1) ** 2).mean()
 
 
-def mf_tensors(prepared: Path, split: str) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
-    """((user, ad, slot) int64 tensors (N,), labels (N,) float32) of one split."""
-    table = pq.read_table(prepared / split, columns=["user_id", "ad_id", "slot", "label"])
-    ids = tuple(torch.from_numpy(table[c].to_numpy().astype(np.int64)) for c in ("user_id", "ad_id", "slot"))
-    return ids, table["label"].to_numpy().astype(np.float32)
+@dataclass(frozen=True)
+class ClickLog:
+    """One split's ``MF_COLUMNS`` ids and click labels, as tensors."""
+
+    ids: dict[str, torch.Tensor]  # column -> (N,) int64
+    labels: torch.Tensor  # (N,) float32
+
+    @classmethod
+    def read(cls, prepared: Path, split: str) -> ClickLog:
+        table = pq.read_table(prepared / split, columns=[*MF_COLUMNS, "label"])
+        ids = {c: torch.from_numpy(table[c].to_numpy().astype(np.int64)) for c in MF_COLUMNS}
+        return cls(ids=ids, labels=torch.from_numpy(table["label"].to_numpy().astype(np.float32)))
+
+    def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {c: v[index] for c, v in self.ids.items()}
+
+    @torch.no_grad()
+    def probabilities(self, model: LogisticMF) -> np.ndarray:
+        """(N,) P(click) of every row."""
+        return torch.sigmoid(model(self.ids)).numpy()
 
 
-def fit_logistic_mf(prepared: Path, rank: int, l2: float, seed: int, steps: int = 400, lr: float = 0.05) -> LogisticMF:
-    """Full-batch Adam on the train split's BCE + ``l2`` * ``LogisticMF.penalty``."""
+def fit_logistic_mf(
+    train: ClickLog,
+    validation: ClickLog,
+    sizes: dict[str, int],
+    rank: int,
+    l2: float,
+    seed: int,
+    *,
+    epochs: int = 40,
+    patience: int = 3,
+    batch_size: int = 4096,
+    lr: float = 0.03,
+) -> tuple[LogisticMF, float]:
+    """Minibatch Adam on the train split's BCE + ``l2`` * ``LogisticMF.penalty``, stopped after
+    ``patience`` epochs without a better validation logloss: (the best epoch's model, its logloss)."""
+    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    feature_map = FeatureMap.load(prepared / "feature_map.json")
-    model = LogisticMF(*(feature_map.cardinality(name) for name in ("user_id", "ad_id", "slot")), rank)
-    ids, labels = mf_tensors(prepared, "train")
-    target = torch.from_numpy(labels)
+    model = LogisticMF(sizes, rank)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(*ids), target) + l2 * model.penalty(ids[0], ids[1])
-        loss.backward()
-        optimizer.step()
-    return model
+    best, best_state, waited = math.inf, copy.deepcopy(model.state_dict()), 0
+    for _ in range(epochs):
+        for batch in torch.randperm(len(train.labels), generator=generator).split(batch_size):
+            ids = train.rows(batch)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(ids), train.labels[batch]) + l2 * model.penalty(ids)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        current = logloss(validation.labels.numpy(), validation.probabilities(model))
+        if current < best:
+            best, best_state, waited = current, copy.deepcopy(model.state_dict()), 0
+        elif (waited := waited + 1) >= patience:
+            break
+    model.load_state_dict(best_state)
+    return model, best
 
 
-@torch.no_grad()
-def predict_mf(model: LogisticMF, prepared: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(labels (N,), P(click) (N,)) of ``split``."""
-    ids, labels = mf_tensors(prepared, split)
-    return labels, torch.sigmoid(model(*ids)).numpy()
-
-
-def well_specified_reference(prepared: Path, rank: int, seed: int, l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)) -> dict:
-    """LogisticMF fitted on train, its L2 chosen by validation logloss: test AUC, logloss and,
-    when the split carries ``true_pctr``, the oracle's AUC and the ratio."""
+def well_specified_reference(prepared: Path, rank: int, seed: int, l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0), **fit_options) -> dict:
+    """LogisticMF fitted on train, its L2 and epochs chosen by validation logloss: test AUC, logloss
+    and, when the split carries ``true_pctr`` (a synthetic log), the oracle's AUC and the ratio."""
     require_prepared(prepared)
     torch.set_num_threads(THREADS)
-    tried = []
-    for l2 in l2_grid:
-        model = fit_logistic_mf(prepared, rank, l2, seed)
-        tried.append((logloss(*predict_mf(model, prepared, "validation")), l2, model))
-    _, l2, model = min(tried, key=lambda t: t[0])
-    labels, probs = predict_mf(model, prepared, "test")
-    result = {**ctr_metrics(labels, probs), "params": {"l2": l2, "rank": rank}}
-    truth = (
-        pq.read_table(prepared / "test", columns=["true_pctr"])["true_pctr"].to_numpy()
-        if "true_pctr" in pq.read_schema(prepared / "test").names
-        else None
-    )
-    if truth is not None:
+    feature_map = FeatureMap.load(prepared / "feature_map.json")
+    sizes = {name: feature_map.cardinality(name) for name in MF_COLUMNS}
+    train, validation, test = (ClickLog.read(prepared, split) for split in ("train", "validation", "test"))
+    fits = [(*fit_logistic_mf(train, validation, sizes, rank, l2, seed, **fit_options), l2) for l2 in l2_grid]
+    model, _, l2 = min(fits, key=lambda fit: fit[1])
+    labels = test.labels.numpy()
+    result = {**ctr_metrics(labels, test.probabilities(model)), "params": {"l2": l2, "rank": rank}}
+    if "true_pctr" in pq.ParquetDataset(prepared / "test").schema.names:
+        truth = pq.read_table(prepared / "test", columns=["true_pctr"])["true_pctr"].to_numpy()
         result["oracle_auc"] = auc(labels, truth)
         result["auc_over_oracle"] = result["auc"] / result["oracle_auc"]
     return result
