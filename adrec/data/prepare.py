@@ -215,10 +215,12 @@ def write_splits(examples: Path, feature_map: FeatureMap, lookups: dict, out: Pa
     )
     # Examples come partitioned by user (for histories), so each file would hold a share of the
     # users: a trainer streaming the files in turn would see one share of users after another,
-    # each pulling the ad embeddings its way. A global shuffle, once here, mixes every file.
+    # each pulling the ad embeddings its way. A global shuffle, once here, mixes every file. It is
+    # Ray Data's all-to-all shuffle: the encoded examples pass through the object store once
+    # (spilled to disk beyond it), the price of batches that hold every kind of user.
     encoded = encoded.random_shuffle(seed=seed)
-    # One streaming pass writes all three splits (hive folders split=train, ...), so the encoded
-    # examples never sit in the object store; the folders are then renamed to plain split names.
+    # One pass writes all three splits (hive folders split=train, ...); the folders are then
+    # renamed to plain split names.
     encoded.write_parquet(str(out / "_encoded"), partition_cols=["split"], max_rows_per_file=rows_per_file)
     for split in SPLITS:
         written = out / "_encoded" / f"split={split}"
