@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from adrec.data import prepare, synthetic
 from adrec.models import model_builder
@@ -70,6 +71,7 @@ class SearchOptions:
     trial_cpus: float
     grace_period: int
     reduction_factor: int
+    time_budget_s: float | None
     seed: int
     dir: str
     overlay: str | None
@@ -222,6 +224,68 @@ def run_trial(values: dict, *, base: dict, prepared: str, seed: int, trials_dir:
     train_reporting_to_tune(Path(prepared), train_dir, model, trainer, seed)
 
 
+def actor_placement_groups() -> list[tuple[PlacementGroup, bool]]:
+    """This job's live placement groups that an actor created (Train controllers do, for their
+    workers), each with whether that actor is dead. Detached groups and the driver's are left out.
+
+    Read from the GCS table that ``ray.util.placement_group_table()`` reads, whose dicts leave out
+    the creator; the public ``ray.util.state`` API would need the dashboard.
+    """
+    from ray._private.state import state  # Ray's own accessor of the GCS tables
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    no_actor = ray.ActorID.nil().binary()  # the creator of a group the driver made
+    rows = [gcs_pb2.PlacementGroupTableData.FromString(raw) for raw in state._connect_and_get_accessor().get_placement_group_table()]
+    return [
+        (PlacementGroup(ray.PlacementGroupID(row.placement_group_id)), row.creator_actor_dead)
+        for row in rows
+        if row.state != gcs_pb2.PlacementGroupTableData.REMOVED
+        and row.creator_job_id.hex() == job
+        and not row.is_detached
+        and row.creator_actor_id != no_actor
+    ]
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove the placement groups whose creating actor is dead; return how many there were."""
+    orphans = [group for group, creator_dead in actor_placement_groups() if creator_dead]
+    for group in orphans:
+        remove_placement_group(group)
+    return len(orphans)
+
+
+class ReleaseStoppedRuns(ray.tune.Callback):
+    """Frees the workers' placement group of each trial that Tune stopped (ASHA, the time budget).
+
+    Stopping a trial kills its actor and with it the Ray Train controller it drove, which never
+    removes the group its workers held. Train's own cleaner notices a dead controller through the
+    State API, which fails without the dashboard or beside another Ray instance on the machine;
+    the group would then keep its CPUs until the search ended, and the next trial would wait for
+    them for ever. So the search's own loop removes every placement group of this job whose
+    creating actor (a Train controller) is dead.
+    """
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self.next_check = 0.0
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if time.monotonic() >= self.next_check:
+            self.next_check = time.monotonic() + self.every_s
+            release_orphaned_placement_groups()
+
+
+def release_after_search(timeout_s: float = 15.0) -> None:
+    """After ``fit()``: the last stopped trial's controller dies a moment after Tune kills its actor,
+    so wait until every Train group of the search is gone, releasing orphans (the Ray session may
+    go on, as in the tests); give up after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while actor_placement_groups() and time.monotonic() < deadline:
+        release_orphaned_placement_groups()
+        time.sleep(0.5)
+
+
 def trial_dirname(trial) -> str:
     """Tune's folder of a trial: its id (the default name repeats every sampled value)."""
     return f"trial_{trial.trial_id}"
@@ -301,16 +365,20 @@ def tuner(plan: Plan, prepared: Path) -> ray.tune.Tuner:
             scheduler=scheduler,
             search_alg=BasicVariantGenerator(random_state=options.seed, max_concurrent=options.max_concurrent),
             num_samples=options.num_samples,
+            time_budget_s=options.time_budget_s,  # then every trial still running is stopped, and the search ends as usual
             reuse_actors=False,  # a fresh actor per trial: nothing of one trial's run leaks into the next
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=ray.tune.RunConfig(name=plan.search_dir.name, storage_path=str(plan.search_dir.parent), verbose=1),
+        run_config=ray.tune.RunConfig(
+            name=plan.search_dir.name, storage_path=str(plan.search_dir.parent), verbose=1, callbacks=[ReleaseStoppedRuns()]
+        ),
     )
 
 
 def trials_table(results, params: list[Param], metric: str, mode: str, trials_dir: Path, epochs: int) -> list[dict]:
     """One row per trial, best first: its values, its best ``metric`` and at which epoch, and how it ended
-    (completed: all its epochs, or its training stage returned after early stopping; stopped by ASHA; error)."""
+    (completed: all its epochs, or its training stage returned after early stopping; stopped: by ASHA
+    or by tune.time_budget_s; error)."""
     rows = []
     for result in results:
         frame = result.metrics_dataframe
@@ -321,7 +389,7 @@ def trials_table(results, params: list[Param], metric: str, mode: str, trials_di
         trial = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
         trained = int(frame["epoch"].max()) if frame is not None and "epoch" in frame else 0
         # Only a training stage that returned writes result.json (trainer early stopping ends it
-        # before its epochs are done); a trial that ASHA stopped was killed mid-run.
+        # before its epochs are done); a trial that ASHA or the time budget stopped was killed mid-run.
         finished = (trials_dir / trial / TrainResult.FILE).exists() or trained >= int(result.config.get("trainer.epochs", epochs))
         rows.append(
             {
@@ -330,7 +398,7 @@ def trials_table(results, params: list[Param], metric: str, mode: str, trials_di
                 metric: None if best is None else float(best[metric]),
                 "best_epoch": None if best is None else int(best["epoch"]),
                 "epochs_trained": trained,
-                "status": "error" if result.error else "completed" if finished else "stopped by ASHA",
+                "status": "error" if result.error else "completed" if finished else "stopped",
             }
         )
     worst = -math.inf if mode == "max" else math.inf
@@ -418,6 +486,7 @@ def search(cfg, experiment: str, conf_dir: Path, command: str) -> SearchReport:
     init_ray_from(cfg)
     prepared = prepared_examples(cfg, plan.options)
     results = tuner(plan, prepared).fit()
+    release_after_search()
     rows = trials_table(results, list(plan.params), plan.metric, plan.mode, plan.search_dir / "trials", plan.epochs)
     write_trials_csv(plan.search_dir / "trials.csv", rows)
     best = rows[0]

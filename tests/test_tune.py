@@ -2,6 +2,7 @@
 
 import csv
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_a_search_writes_the_best_trial_as_an_overlay_the_experiment_composes(ti
     result = tune.run(cfg, experiment="tiny", conf_dir=conf_dir, command="pytest")
 
     rows = list(csv.DictReader((Path(result["search_dir"]) / "trials.csv").open()))
-    assert len(rows) == 2 and {r["status"] for r in rows} <= {"completed", "stopped by ASHA"}
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"completed", "stopped"}
     assert all(r["val_auc"] and 1 <= int(r["epochs_trained"]) <= 2 for r in rows)  # per-epoch reports reached Tune
     best = result["best"]
     assert 1e-3 <= best["trainer.lr"] <= 1e-2 and best["model.embedding_dim"] in (8, 16)
@@ -120,3 +121,31 @@ def test_the_declared_spaces_compose_and_check(tmp_path, monkeypatch):
         params = tune.parse_space(OmegaConf.to_container(cfg.tune.space), cfg)
         tune.check_trials(tune.base_config(cfg), params, tmp_path / "check")
         assert "trainer.lr" in {p.key for p in params}
+
+
+def test_the_placement_group_of_a_dead_train_controller_is_released_and_no_other(ray_session):
+    """A trial that ASHA stops dies with its Ray Train controller, whose workers' group would stay reserved."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # creates a group for its workers, as a Train controller does
+        def reserve(self) -> str:
+            group = placement_group([{"CPU": 0.01}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    stopped, running = Controller.remote(), Controller.remote()
+    orphan, live = ray.get([stopped.reserve.remote(), running.reserve.remote()])
+    own = placement_group([{"CPU": 0.01}])  # the driver's own, as Tune's trial groups are
+    ray.get(own.ready())
+    ray.kill(stopped)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not tune.release_orphaned_placement_groups():
+        time.sleep(0.2)
+    states = {key: placement_group_table()[key]["state"] for key in (orphan, live, own.id.hex())}
+    assert states == {orphan: "REMOVED", live: "CREATED", own.id.hex(): "CREATED"}
+    ray.kill(running)
+    remove_placement_group(own)
+    tune.release_after_search(timeout_s=30)  # waits for the killed controller, then frees its group
+    assert placement_group_table()[live]["state"] == "REMOVED"
