@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import ray
 from ray.data.extensions import ArrowTensorArray
 
+from adrec.data.history import row_keys, uniform
 from adrec.data.privacy import pseudonymize
 from adrec.data.sources import RAW_LINE
 from adrec.data.validate import REASON, Rules, canonicalize
@@ -153,8 +154,13 @@ def to_arrow(columns: dict[str, np.ndarray]) -> pa.Table:
     return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim == 2 else pa.array(v) for k, v in columns.items()})
 
 
-def encode_examples(batch: pa.Table, feature_map: FeatureMap, lookups: dict) -> pa.Table:
-    """Raw example rows -> model-ready columns plus label, ts, split (and truth where known)."""
+def encode_examples(batch: pa.Table, feature_map: FeatureMap, lookups: dict, seed: int) -> pa.Table:
+    """Raw example rows -> model-ready columns plus label, ts, split (and truth where known), in a seeded random order.
+
+    Rows arrive grouped by user (the log is partitioned by user for histories); a trainer's local
+    shuffle buffer is much smaller than a partition, so without this a batch would hold a few
+    users' rows and the softmax would mostly see their ads."""
+    batch = batch.take(pa.array(np.argsort(uniform(row_keys(batch), seed), kind="stable")))
     out = feature_map.encode(add_history_attributes(batch, lookups) if lookups else batch)
     out["label"] = batch["label"].to_numpy().astype(np.float32)
     out["split"] = batch["split"].to_numpy(zero_copy_only=False)

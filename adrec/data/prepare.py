@@ -211,16 +211,10 @@ def write_splits(examples: Path, feature_map: FeatureMap, lookups: dict, out: Pa
     """Encode and write ``out/{train,validation,test}/`` (rows shuffled, seeded); return examples and clicks per split."""
     used = staged(examples).map_batches(drop_unused, batch_size=BATCH_ROWS, batch_format="pyarrow")
     encoded = used.map_batches(
-        encode_examples, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map, "lookups": lookups}
+        encode_examples, batch_size=BATCH_ROWS, batch_format="pyarrow", fn_kwargs={"feature_map": feature_map, "lookups": lookups, "seed": seed}
     )
-    # Examples come partitioned by user (for histories), so each file would hold a share of the
-    # users: a trainer streaming the files in turn would see one share of users after another,
-    # each pulling the ad embeddings its way. A global shuffle, once here, mixes every file. It is
-    # Ray Data's all-to-all shuffle: the encoded examples pass through the object store once
-    # (spilled to disk beyond it), the price of batches that hold every kind of user.
-    encoded = encoded.random_shuffle(seed=seed)
-    # One pass writes all three splits (hive folders split=train, ...); the folders are then
-    # renamed to plain split names.
+    # One streaming pass writes all three splits (hive folders split=train, ...), so the encoded
+    # examples never sit in the object store; the folders are then renamed to plain split names.
     encoded.write_parquet(str(out / "_encoded"), partition_cols=["split"], max_rows_per_file=rows_per_file)
     for split in SPLITS:
         written = out / "_encoded" / f"split={split}"
