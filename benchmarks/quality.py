@@ -234,7 +234,7 @@ def best_peer(models: dict[str, dict], metric: str) -> dict:
     """The peer (every model but adrec) with the highest mean ``metric``, beside adrec's."""
     scored = {name: m[metric]["mean"] for name, m in models.items() if name not in ("adrec", "paired") and isinstance(m.get(metric), dict)}
     name = max(scored, key=scored.get)
-    adrec = models.get("adrec", {}).get(metric, {}).get("mean")
+    adrec = ((models.get("adrec") or {}).get(metric) or {}).get("mean")  # None when adrec did not run or had no value
     return {
         "metric": metric,
         "peer": name,
@@ -295,6 +295,8 @@ def main() -> None:
     for seed in seeds:
         for dataset in args.only:
             raw.setdefault(dataset, []).append(run_dataset(dataset, seed, args))
+            # Each finished run kept on disk, so a later failure does not lose what an hour measured.
+            (args.out_dir / "raw.json").write_text(json.dumps(raw, indent=1))
     result = {**report(raw), "seeds": seeds, "overrides": args.set, "seconds": round(time.time() - started)}
     print(json.dumps(result, indent=2))
 
