@@ -25,6 +25,7 @@ Prints JSON, one entry per model, every figure {mean, std, n} over seeds:
 Every adrec figure runs through the jobs' own code (prepare -> Ray Train -> evaluate) in one Ray
 session; MovieLens and Criteo run their tuned settings, conf/experiment/{movielens,criteo}.yaml, on
 the datasets read in place from ../shared/data (or $ADREC_SHARED_DATA); --set overrides every run.
+Each seed's figures are kept in <out-dir>/raw.json as soon as they are measured, the report in <out-dir>/quality.json.
 """
 
 from __future__ import annotations
@@ -298,6 +299,8 @@ def main() -> None:
             # Each finished run kept on disk, so a later failure does not lose what an hour measured.
             (args.out_dir / "raw.json").write_text(json.dumps(raw, indent=1))
     result = {**report(raw), "seeds": seeds, "overrides": args.set, "seconds": round(time.time() - started)}
+    # Ray forwards the train workers' progress lines to this stdout too: the file holds the JSON alone.
+    (args.out_dir / "quality.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 
