@@ -410,7 +410,7 @@ def fit_logistic_mf(
     return model, best
 
 
-def well_specified_reference(prepared: Path, rank: int, seed: int, l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0), **fit_options) -> dict:
+def well_specified_reference(prepared: Path, rank: int, seed: int, l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1), **fit_options) -> dict:
     """LogisticMF fitted on train, its L2 and epochs chosen by validation logloss: test AUC, logloss
     and, when the split carries ``true_pctr`` (a synthetic log), the oracle's AUC and the ratio."""
     require_prepared(prepared)
