@@ -170,6 +170,7 @@ def test_dcn_ranker_attends_over_history_with_the_candidates_tables():
         wide=True,
         dropout=0.1,
     ).eval()
+    torch.nn.init.normal_(model.deep[-1].weight)  # beside the wide part the deep part starts at zero
     batch = ranker_inputs()
     logits = model(batch)
     assert logits.shape == (4,) and torch.isfinite(logits).all()

@@ -108,10 +108,18 @@ class Objective:
         return loss.softmax_weight * softmax + loss.bce_weight * bce, logits
 
 
+def regularization(model: nn.Module) -> torch.Tensor | float:
+    """The model's own penalty, added to each training batch's loss (not to validation's): e.g. the
+    ranker's wide part's L2 in logistic regression's units (``DCNRanker.regularization``); 0 without one."""
+    penalty = getattr(getattr(model, "module", model), "regularization", None)  # DDP wraps the model
+    return penalty() if penalty is not None else 0.0
+
+
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: SparseDenseAdam, objective: Objective, autocast) -> float:
     """One optimizer step on a batch of examples (label: clicked = 1); returns the loss."""
     with autocast():
         loss, _ = objective(model, batch)
+        loss = loss + regularization(model)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
