@@ -16,13 +16,13 @@ Synthetic logs:
     LogisticMF  the generator's own functional form (attribute + own latent vectors, ad and slot biases), the
                 well-specified reference for the towers
 
-What each peer fits on. Ranking and CTR peers choose their hyperparameters on the validation split
-(fit on train; for ranking, relevant = validation positives and train items excluded), then
-**refit on train + validation** with the chosen setting for the test score: adrec's test excludes
-every train and validation item, so a ranking peer must know them, and the CTR peers do the same
-for symmetry (logistic regression was always fitted on train + validation here). MostPop has
-nothing to tune and counts train + validation positives. adrec itself trains on train and selects
-on validation. LogisticMF fits on train only (its L2 and epochs chosen on validation), as the towers do.
+What each peer fits on: what adrec fits on. adrec trains on train and selects on validation; each
+peer fits on train, chooses its hyperparameters on validation (for ranking: relevant = validation
+positives, train items excluded) and is scored on test with that fit, its user rows built from
+train alone as adrec's queries are (test excludes train and validation items for both).
+``--refit`` (``refit=True``) instead refits each ranking and CTR peer on train + validation with
+the chosen setting before the test score: more data than adrec learns from, the protocol of
+papers that tune then retrain; the results page reports both. LogisticMF always fits on train.
 
     python benchmarks/peers.py /tmp/adrec-bench-quality/movielens-0/prepared --task ranking
     python benchmarks/peers.py /tmp/adrec-bench-quality/criteo-0-0/prepared --task ctr
@@ -175,16 +175,17 @@ def score_task(task: UserRankingTask, data: Interactions, scorer: Scorer) -> dic
     return task.metrics(lambda chunk: scorer(rows[chunk]), KS)
 
 
-def ranking_peers(prepared: Path, seed: int, names: tuple[str, ...] = tuple(RANKING_GRIDS)) -> dict[str, dict]:
-    """Each ranking peer tuned on validation (by ``SELECT``), refitted on train + validation and
-    scored on test: {name: {"recall@10", "ndcg@10", "hitrate@10", "validation_recall@10", "params", "seconds"}}."""
+def ranking_peers(prepared: Path, seed: int, names: tuple[str, ...] = tuple(RANKING_GRIDS), refit: bool = False) -> dict[str, dict]:
+    """Each ranking peer tuned on validation (by ``SELECT``) and scored on test, fitted on train (or,
+    with ``refit``, refitted on train + validation):
+    {name: {"recall@10", "ndcg@10", "hitrate@10", "validation_recall@10", "params", "seconds"}}."""
     require_prepared(prepared, ("train", "validation", "test", "ads.parquet"))
     catalog_ids = pq.read_table(prepared / "ads.parquet", columns=["raw_ad_id"])["raw_ad_id"].combine_chunks()
     keys = np.unique(
         np.concatenate([pq.read_table(prepared / s, columns=["user_key"])["user_key"].to_numpy() for s in ("train", "validation", "test")])
     )
     train = Interactions.from_prepared(prepared, ("train",), keys, catalog_ids)
-    train_and_validation = Interactions.from_prepared(prepared, ("train", "validation"), keys, catalog_ids)
+    fit_on = Interactions.from_prepared(prepared, ("train", "validation"), keys, catalog_ids) if refit else train
     validation_task = UserRankingTask.from_prepared(prepared, catalog_ids, target="validation", seen=("train",))
     test_task = UserRankingTask.from_prepared(prepared, catalog_ids, target="test", seen=("train", "validation"))
     results = {}
@@ -194,7 +195,7 @@ def ranking_peers(prepared: Path, seed: int, names: tuple[str, ...] = tuple(RANK
             (score_task(validation_task, train, fit_ranking_peer(name, train.matrix, params, seed))[SELECT], params) for params in RANKING_GRIDS[name]
         ]
         best_value, best = max(tried, key=lambda pair: pair[0])  # the first of equals: grids run from small to large
-        test = score_task(test_task, train_and_validation, fit_ranking_peer(name, train_and_validation.matrix, best, seed))
+        test = score_task(test_task, fit_on, fit_ranking_peer(name, fit_on.matrix, best, seed))
         results[name] = {**test, f"validation_{SELECT}": best_value, "params": best, "seconds": round(time.time() - started, 1)}
     return results
 
@@ -245,11 +246,11 @@ def fit_logistic_regression(splits: CtrSplits, fit: pd.DataFrame, c: float):
     return lambda frame: model.predict_proba(design(frame))[:, 1]
 
 
-def logistic_regression(splits: CtrSplits) -> dict:
-    """C chosen by validation logloss (fit on train), then refitted on train + validation: test AUC, logloss."""
-    tried = [(logloss(splits.validation["label"], fit_logistic_regression(splits, splits.train, c)(splits.validation)), c) for c in LR_C]
-    best_logloss, c = min(tried)
-    predict = fit_logistic_regression(splits, splits.train_and_validation, c)
+def logistic_regression(splits: CtrSplits, refit: bool = False) -> dict:
+    """C chosen by validation logloss (fit on train; with ``refit``, refitted on train + validation): test AUC, logloss."""
+    fits = {c: fit_logistic_regression(splits, splits.train, c) for c in LR_C}
+    best_logloss, c = min((logloss(splits.validation["label"], predict(splits.validation)), c) for c, predict in fits.items())
+    predict = fit_logistic_regression(splits, splits.train_and_validation, c) if refit else fits[c]
     return {**ctr_metrics(splits.test["label"].to_numpy(), predict(splits.test)), "validation_logloss": best_logloss, "params": {"C": c}}
 
 
@@ -271,9 +272,9 @@ def lightgbm_params(num_leaves: int, seed: int) -> dict:
     }
 
 
-def lightgbm(splits: CtrSplits, seed: int) -> dict:
+def lightgbm(splits: CtrSplits, seed: int, refit: bool = False) -> dict:
     """LightGBM with the ids as categoricals: leaves chosen and rounds early-stopped (50 without a
-    better validation logloss) on validation, then refitted on train + validation with those rounds."""
+    better validation logloss) on validation; with ``refit``, refitted on train + validation with those rounds."""
     import lightgbm as lgb
 
     columns = [*splits.categorical, *splits.dense]
@@ -291,20 +292,21 @@ def lightgbm(splits: CtrSplits, seed: int) -> dict:
             valid_sets=[dataset(splits.validation)],
             callbacks=[lgb.early_stopping(50, verbose=False)],
         )
-        tried.append((booster.best_score["valid_0"]["binary_logloss"], leaves, booster.best_iteration))
-    best_logloss, leaves, rounds = min(tried)
-    booster = lgb.train(lightgbm_params(leaves, seed), dataset(splits.train_and_validation), num_boost_round=rounds)
+        tried.append((booster.best_score["valid_0"]["binary_logloss"], leaves, booster.best_iteration, booster))
+    best_logloss, leaves, rounds, booster = min(tried, key=lambda fit: fit[:3])
+    if refit:
+        booster = lgb.train(lightgbm_params(leaves, seed), dataset(splits.train_and_validation), num_boost_round=rounds)
     return {
-        **ctr_metrics(splits.test["label"].to_numpy(), booster.predict(splits.test[columns])),
+        **ctr_metrics(splits.test["label"].to_numpy(), booster.predict(splits.test[columns], num_iteration=rounds)),
         "validation_logloss": best_logloss,
         "params": {"num_leaves": leaves, "rounds": rounds},
     }
 
 
-def ctr_peers(prepared: Path, seed: int) -> dict[str, dict]:
+def ctr_peers(prepared: Path, seed: int, refit: bool = False) -> dict[str, dict]:
     """{"lr": {...}, "lightgbm": {...}}: test AUC and logloss of each, with what was chosen on validation."""
     splits = CtrSplits.from_prepared(prepared)
-    return {"lr": logistic_regression(splits), "lightgbm": lightgbm(splits, seed)}
+    return {"lr": logistic_regression(splits, refit), "lightgbm": lightgbm(splits, seed, refit)}
 
 
 # --- The synthetic log's well-specified reference ------------------------------------------------
@@ -436,11 +438,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peers", nargs="+", choices=list(RANKING_GRIDS), default=list(RANKING_GRIDS), help="ranking peers to run")
     parser.add_argument("--rank", type=int, default=8, help="synthetic: the generator's latent_dim")
+    parser.add_argument("--refit", action="store_true", help="refit ranking and CTR peers on train + validation before the test score")
     args = parser.parse_args()
     if args.task == "ranking":
-        result = ranking_peers(args.prepared, args.seed, tuple(args.peers))
+        result = ranking_peers(args.prepared, args.seed, tuple(args.peers), args.refit)
     elif args.task == "ctr":
-        result = ctr_peers(args.prepared, args.seed)
+        result = ctr_peers(args.prepared, args.seed, args.refit)
     else:
         result = {"reference": well_specified_reference(args.prepared, args.rank, args.seed)}
     json.dump(result, sys.stdout, indent=2, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)

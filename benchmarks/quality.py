@@ -9,8 +9,8 @@ Prints JSON, one entry per model, every figure {mean, std, n} over seeds:
     movielens.<model>.{recall@10, ndcg@10}  adrec and the ranking peers of benchmarks/peers.py (ease, als,
         bpr, itemknn, mostpop) on adrec's own split of MovieLens 100K: implicit feedback, per-user random
         80/10/10, full ranking over every item, items seen in train/validation excluded, all scored by
-        adrec.eval.evaluate.UserRankingTask. Peers are tuned on validation and refitted on train +
-        validation (see benchmarks/peers.py); ``params`` lists what each seed chose.
+        adrec.eval.evaluate.UserRankingTask. Peers fit on train and are tuned on validation, as adrec
+        is (--peers-refit: refitted on train + validation; see benchmarks/peers.py); ``params`` lists what each seed chose.
     criteo.<model>.{auc, logloss}  the DCN ranker, logistic regression (lr) and LightGBM on the same 5
         folds of Criteo DAC 8k: per seed the mean over folds; ``auc_by_fold`` is each fold's mean over seeds.
     criteo.paired.<peer>  adrec - peer AUC per fold: ``auc_diff`` over the 5 folds (each fold's difference
@@ -61,6 +61,7 @@ os.environ.setdefault("ADREC_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
 
 
 EXTRA: list[str] = []  # --set overrides, applied after each dataset's own
+PEERS_REFIT = [False]  # --peers-refit: the peers refit on train + validation before their test score
 
 
 def config(run_dir: Path, overrides: list[str]):
@@ -155,7 +156,7 @@ def movielens_run(seed: int, out: Path) -> dict[str, dict]:
     prepare.run(cfg)
     metrics = train_and_evaluate(cfg)
     results = {"adrec": {k: metrics[k] for k in ("recall@10", "ndcg@10", "hitrate@10", "retrieval_queries")}}
-    for name, peer in peers.ranking_peers(Path(cfg.paths.prepared_dir), seed).items():
+    for name, peer in peers.ranking_peers(Path(cfg.paths.prepared_dir), seed, refit=PEERS_REFIT[0]).items():
         results[name] = {k: peer[k] for k in ("recall@10", "ndcg@10", "hitrate@10", "validation_recall@10", "params")}
     return results
 
@@ -172,7 +173,7 @@ def criteo_runs(seed: int, out: Path) -> dict[str, dict]:
         cfg = config(out / f"criteo-{seed}-{fold}", [f"seed={seed}", "experiment=criteo", *folding])
         prepare.run(cfg)
         per_fold.setdefault("adrec", []).append(train_and_evaluate(cfg))
-        for name, peer in peers.ctr_peers(Path(cfg.paths.prepared_dir), seed).items():
+        for name, peer in peers.ctr_peers(Path(cfg.paths.prepared_dir), seed, refit=PEERS_REFIT[0]).items():
             per_fold.setdefault(name, []).append(peer)
     results = {}
     for name, folds in per_fold.items():
@@ -279,9 +280,13 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every run")
     parser.add_argument("--sizes", nargs="+", type=int, default=[1, 3, 10], help="synthetic learning curve: multiples of --curve-impressions")
     parser.add_argument("--curve-impressions", type=int, default=30_000, help="the curve's 1x log (its users and ads stay fixed)")
+    parser.add_argument(
+        "--peers-refit", action="store_true", help="refit the peers on train + validation before test (more data than adrec trains on)"
+    )
     parser.add_argument("--curve-only", action="store_true", help="synthetic: the learning curve without the four encoders at the default size")
     args = parser.parse_args()
     EXTRA.extend(args.set)
+    PEERS_REFIT[0] = args.peers_refit
     problems = [problem for dataset in args.only if (problem := missing_input(dataset, args.out_dir))]
     if problems:
         hint = (
@@ -298,7 +303,7 @@ def main() -> None:
             raw.setdefault(dataset, []).append(run_dataset(dataset, seed, args))
             # Each finished run kept on disk, so a later failure does not lose what an hour measured.
             (args.out_dir / "raw.json").write_text(json.dumps(raw, indent=1))
-    result = {**report(raw), "seeds": seeds, "overrides": args.set, "seconds": round(time.time() - started)}
+    result = {**report(raw), "seeds": seeds, "overrides": args.set, "peers_refit": args.peers_refit, "seconds": round(time.time() - started)}
     # Ray forwards the train workers' progress lines to this stdout too: the file holds the JSON alone.
     (args.out_dir / "quality.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
