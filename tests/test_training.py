@@ -151,3 +151,22 @@ def test_trainer_options_mirror_the_yaml_and_name_what_is_wrong(tmp_path):
         TrainerOptions.from_config({**plain, "batch_size": "512"})
     with pytest.raises(ValueError, match=r"trainer\.epochs is null"):
         TrainerOptions.from_config({**plain, "epochs": None})
+
+
+def test_the_training_stream_shuffles_row_groups_across_files_each_epoch(tmp_path):
+    """Two files of three row groups: each epoch lists all six once, in an order of its own that
+    does not feed one file's groups as one run (files are few and large on small logs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    split = tmp_path / "train"
+    split.mkdir()
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"row": list(range(30))}), split / f"{name}.parquet", row_group_size=10)
+    order = [(Path(path).stem, group) for _, path, group in driver.epoch_row_groups(split, epochs=3, seed=0)]
+    epochs = [order[:6], order[6:12], order[12:]]
+    pieces = {(name, group) for name in "ab" for group in range(3)}
+    assert all(sorted(epoch) == sorted(pieces) for epoch in epochs) and len(order) == 18
+    assert len({tuple(epoch) for epoch in epochs}) == 3
+    runs = [epoch for epoch in epochs if [name for name, _ in epoch] not in (list("aaabbb"), list("bbbaaa"))]
+    assert runs  # some epoch interleaves the two files' groups

@@ -56,6 +56,10 @@ from adrec.features import FeatureMap, FeatureSpec, Vocabulary
 from adrec.results import PrepareReport
 from adrec.runtime import init_ray_from, resolve
 
+# The split files' row groups: the training stream shuffles its order per epoch at this grain
+# (adrec.train.driver.epoch_row_groups), so it is small beside the trainer's shuffle buffer.
+ROW_GROUP_ROWS = 8192
+
 
 def validate(data: DataOptions, out: Path, key: bytes | None) -> tuple[Path, dict]:
     """Read and validate the event log; write invalid rows to ``out/quarantine``; count.
@@ -215,7 +219,7 @@ def write_splits(examples: Path, feature_map: FeatureMap, lookups: dict, out: Pa
     )
     # One streaming pass writes all three splits (hive folders split=train, ...), so the encoded
     # examples never sit in the object store; the folders are then renamed to plain split names.
-    encoded.write_parquet(str(out / "_encoded"), partition_cols=["split"], max_rows_per_file=rows_per_file)
+    encoded.write_parquet(str(out / "_encoded"), partition_cols=["split"], max_rows_per_file=rows_per_file, row_group_size=ROW_GROUP_ROWS)
     for split in SPLITS:
         written = out / "_encoded" / f"split={split}"
         if written.exists():

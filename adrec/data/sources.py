@@ -192,6 +192,43 @@ def read_row_groups(fs: pafs.FileSystem, path: str, columns: list[str] | None) -
             yield parquet.read_row_group(group, columns=columns)
 
 
+class ParquetRowGroups(Datasource):
+    """Row groups of Parquet files as a Datasource, in the order given: one read task (and one
+    block) per (filesystem, path, row group), so a stream can take a file's groups apart and
+    interleave them with other files' (the training stream's per-epoch order)."""
+
+    def __init__(self, pieces: list[tuple[pafs.FileSystem, str, int]], columns: list[str] | None) -> None:
+        super().__init__()
+        self.pieces = pieces
+        self.columns = columns
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+        return [
+            ReadTask(
+                partial(read_row_group, fs, path, group, self.columns),
+                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,)),
+            )
+            for fs, path, group in self.pieces
+        ]
+
+
+def read_row_group(fs: pafs.FileSystem, path: str, group: int, columns: list[str] | None) -> Iterator[pa.Table]:
+    with fs.open_input_file(path) as f:
+        yield pq.ParquetFile(f).read_row_group(group, columns=columns)
+
+
+def row_groups(files: list[tuple[pafs.FileSystem, str]]) -> list[tuple[pafs.FileSystem, str, int]]:
+    """Every (filesystem, path, row group) of ``files``, from their footers."""
+    pieces = []
+    for fs, path in files:
+        with fs.open_input_file(path) as f:
+            pieces += [(fs, path, group) for group in range(pq.ParquetFile(f).num_row_groups)]
+    return pieces
+
+
 class ParquetFiles(Datasource):
     """Parquet files on any pyarrow filesystem as a Datasource: one read task per file, one
     block per row group, so a task's memory is bounded by the file's row groups, not the log."""

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from adrec.data.sources import ParquetFiles, list_files
+from adrec.data.sources import ParquetRowGroups, list_files, row_groups
 from adrec.data.staging import parquet_rows
 from adrec.features import FeatureMap
 from adrec.models import model_builder
@@ -127,11 +127,16 @@ def validation_ranking(trainer: TrainerOptions, model: dict, prepared: Path) -> 
     return (str(prepared), trainer.validation_ranking_k, trainer.validation_ranking_users)
 
 
-def epoch_files(split: Path, epochs: int, seed: int) -> list[tuple[pyarrow.fs.FileSystem, str]]:
-    """The split's files once per epoch, each epoch in its own shuffled order: one stream's input."""
-    files = list_files([str(split)])
+def epoch_row_groups(split: Path, epochs: int, seed: int) -> list[tuple[pyarrow.fs.FileSystem, str, int]]:
+    """The split's row groups once per epoch, each epoch in its own shuffled order: one stream's input.
+
+    Row groups, not files: a file may hold many of them (preparation bounds them at
+    ``ROW_GROUP_ROWS``), and a file-level order would feed one file's rows as one long run,
+    which the local shuffle buffer cannot mix when files are few and large.
+    """
+    pieces = row_groups(list_files([str(split)]))
     rng = np.random.default_rng(seed)
-    return [files[i] for _ in range(epochs) for i in rng.permutation(len(files))]
+    return [pieces[i] for _ in range(epochs) for i in rng.permutation(len(pieces))]
 
 
 def local_checkpoint(checkpoint: ray.train.Checkpoint, train_dir: Path) -> str:
@@ -150,10 +155,10 @@ def training_datasets(prepared: Path, columns: list[str], stream_epochs: int, se
     """
     datasets = {"train": ray.data.read_parquet(str(prepared / "train"), num_cpus=READ_CPUS).select_columns(columns)}
     if stream_epochs:
-        files = epoch_files(prepared / "train", stream_epochs, seed)
+        pieces = epoch_row_groups(prepared / "train", stream_epochs, seed)
         # One read task at a time, so the stream leaves CPU to the workers' math.
-        # ParquetFiles reads a file as often as it is listed; Ray's reader would read it once.
-        datasets["train"] = ray.data.read_datasource(ParquetFiles(files, columns), num_cpus=READ_CPUS, concurrency=1)
+        # A row group is read as often as it is listed; Ray's reader would read it once.
+        datasets["train"] = ray.data.read_datasource(ParquetRowGroups(pieces, columns), num_cpus=READ_CPUS, concurrency=1)
     return datasets
 
 
