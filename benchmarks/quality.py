@@ -18,6 +18,10 @@ Prints JSON, one entry per model, every figure {mean, std, n} over seeds:
     synthetic.<encoder>  each of the four user encoders at the default log size (conf/data/synthetic.yaml):
         AUC, the oracle's AUC (the generator's true_pctr) and their ratio; synthetic.reference is the
         well-specified reference (logistic MF of the generator's own form) on the same split.
+    avazu.<model>.{auc, logloss}  a second CTR log through configuration alone: the ranker with Criteo's
+        settings unchanged (conf/experiment/avazu.yaml), lr and lightgbm on one random split of a generated
+        log in Avazu's format (--avazu-rows; adrec.data.avazu_like, not Avazu data); avazu.oracle.auc is the
+        planted click probability's AUC over the whole log, the best any model can do.
     synthetic.curve.<m>x  the learning curve: the same users and ads (those of the base log) at m times the
         base log's impressions per user, mlp encoder only (the four encoders at every size would triple
         the run): adrec's, the oracle's and the reference's AUC, and their ratios.
@@ -45,15 +49,16 @@ import numpy as np  # noqa: E402
 import peers  # noqa: E402 (benchmarks/peers.py, beside this script)
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from adrec.data import prepare, synthetic  # noqa: E402
+from adrec.data import avazu_like, prepare, synthetic  # noqa: E402
 from adrec.eval import evaluate  # noqa: E402
+from adrec.eval.metrics import auc  # noqa: E402
 from adrec.runtime import init_ray  # noqa: E402
 from adrec.train import driver  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODERS = ("mlp", "cnn", "gru", "attention")
-DATASETS = ("synthetic", "movielens", "criteo")
-HEADLINE = {"movielens": "recall@10", "criteo": "auc", "synthetic": "auc"}  # what best_peer compares
+DATASETS = ("synthetic", "movielens", "criteo", "avazu")
+HEADLINE = {"movielens": "recall@10", "criteo": "auc", "synthetic": "auc", "avazu": "auc"}  # what best_peer compares
 FOLDS = 5
 # The tuned settings of each real dataset are its experiment overlay (conf/experiment/), whose data.path
 # reads $ADREC_SHARED_DATA: absolute here, so the benchmark runs from any directory. Read in place, never copied.
@@ -76,12 +81,33 @@ def train_and_evaluate(cfg) -> dict:
 
 def missing_input(dataset: str, out: Path) -> str | None:
     """Why ``dataset`` cannot run (its data.path does not exist), or None."""
-    if dataset == "synthetic":
+    if dataset in ("synthetic", "avazu"):
         return None  # generated
     path = Path(config(out, [f"experiment={dataset}"]).data.path)
     if path.exists():
         return None
     return f"{dataset}: its data is read in place from {path} (data.path of conf/experiment/{dataset}.yaml), which does not exist"
+
+
+# --- A second CTR log: Avazu's format, Criteo's settings ---------------------------------------
+
+
+def avazu_run(seed: int, out: Path, rows: int) -> dict[str, dict]:
+    """The ranker with conf/experiment/criteo.yaml's settings unchanged (experiment=avazu), logistic
+    regression and LightGBM on one random split of a generated Avazu-format log (adrec.data.avazu_like),
+    and the planted click probability's AUC over the whole log (``oracle``)."""
+    table, probability = avazu_like.make_log(rows, seed)
+    path = out / f"avazu-{seed}" / "avazu.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    avazu_like.write_csv(table, path)
+    cfg = config(out / f"avazu-{seed}", [f"seed={seed}", "experiment=avazu", f"data.path={path}"])
+    prepare.run(cfg)
+    metrics = train_and_evaluate(cfg)
+    results = {"adrec": {k: metrics[k] for k in ("auc", "logloss")}}
+    for name, peer in peers.ctr_peers(Path(cfg.paths.prepared_dir), seed, refit=PEERS_REFIT[0]).items():
+        results[name] = {k: peer[k] for k in ("auc", "logloss", "params")}
+    results["oracle"] = {"auc": auc(table["click"].to_numpy(), probability)}
+    return results
 
 
 # --- Synthetic ----------------------------------------------------------------------------------
@@ -234,7 +260,7 @@ def over_seeds(runs: list):
 
 def best_peer(models: dict[str, dict], metric: str) -> dict:
     """The peer (every model but adrec) with the highest mean ``metric``, beside adrec's."""
-    scored = {name: m[metric]["mean"] for name, m in models.items() if name not in ("adrec", "paired") and isinstance(m.get(metric), dict)}
+    scored = {name: m[metric]["mean"] for name, m in models.items() if name not in ("adrec", "paired", "oracle") and isinstance(m.get(metric), dict)}
     name = max(scored, key=scored.get)
     adrec = ((models.get("adrec") or {}).get(metric) or {}).get("mean")  # None when adrec did not run or had no value
     return {
@@ -251,6 +277,8 @@ def run_dataset(dataset: str, seed: int, args: argparse.Namespace) -> dict:
         return movielens_run(seed, args.out_dir)
     if dataset == "criteo":
         return criteo_runs(seed, args.out_dir)
+    if dataset == "avazu":
+        return avazu_run(seed, args.out_dir, args.avazu_rows)
     results = synthetic_runs(seed, args.out_dir) if not args.curve_only else {}
     results["curve"] = curve_runs(seed, args.out_dir, args.curve_impressions, args.sizes)
     return results
@@ -283,6 +311,7 @@ def main() -> None:
     parser.add_argument(
         "--peers-refit", action="store_true", help="refit the peers on train + validation before test (more data than adrec trains on)"
     )
+    parser.add_argument("--avazu-rows", type=int, default=50_000, help="rows of the generated Avazu-format log")
     parser.add_argument("--curve-only", action="store_true", help="synthetic: the learning curve without the four encoders at the default size")
     args = parser.parse_args()
     EXTRA.extend(args.set)
