@@ -95,7 +95,9 @@ def test_a_ranker_with_neither_part_or_a_misspelled_option_is_an_error(tmp_path)
     with pytest.raises(ConfigError, match=r"model\.wide_l3 is not an option .*did you mean model\.wide_l2"):
         build_model(cfg.model, fm)
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        typo = compose("config", overrides=[f"run_dir={tmp_path}", "experiment=avazu", "data.path=/x.csv", "+data.events.features.site_id.min_cout=3"])
+        typo = compose(
+            "config", overrides=[f"run_dir={tmp_path}", "experiment=avazu", "data.path=/x.csv", "+data.events.features.site_id.min_cout=3"]
+        )
     with pytest.raises(ValueError, match=r"data\.events\.features\.site_id: unknown option 'min_cout' \(did you mean 'min_count'\?\)"):
         DataOptions.parse(typo.data)
     assert set(options.features) == set(COLUMNS) - {"id", "click"}  # every column but the id and the label is a feature
