@@ -192,30 +192,8 @@ def read_row_groups(fs: pafs.FileSystem, path: str, columns: list[str] | None) -
             yield parquet.read_row_group(group, columns=columns)
 
 
-class ParquetRowGroups(Datasource):
-    """Row groups of Parquet files as a Datasource, in the order given: one read task (and one
-    block) per (filesystem, path, row group), so a stream can take a file's groups apart and
-    interleave them with other files' (the training stream's per-epoch order)."""
-
-    def __init__(self, pieces: list[tuple[pafs.FileSystem, str, int]], columns: list[str] | None) -> None:
-        super().__init__()
-        self.pieces = pieces
-        self.columns = columns
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
-        return [
-            ReadTask(
-                partial(read_row_group, fs, path, group, self.columns),
-                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,)),
-            )
-            for fs, path, group in self.pieces
-        ]
-
-
 def read_row_group(fs: pafs.FileSystem, path: str, group: int, columns: list[str] | None) -> Iterator[pa.Table]:
+    """Row group ``group`` of one Parquet file, projected to ``columns``."""
     with fs.open_input_file(path) as f:
         yield pq.ParquetFile(f).read_row_group(group, columns=columns)
 
@@ -247,6 +225,22 @@ class ParquetFiles(Datasource):
             metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,))
             tasks.append(ReadTask(partial(read_row_groups, fs, path, self.columns), metadata))
         return tasks
+
+
+class ParquetRowGroups(ParquetFiles):
+    """Row groups of Parquet files as a Datasource, in the order given: one read task (and one
+    block) per (filesystem, path, row group), so a stream can take a file's groups apart and
+    interleave them with other files' (the training stream's per-epoch order). ``files`` holds
+    those (filesystem, path, row group) pieces, as ``row_groups`` lists them."""
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+        return [
+            ReadTask(
+                partial(read_row_group, fs, path, group, self.columns),
+                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,)),
+            )
+            for fs, path, group in self.files
+        ]
 
 
 def read_source(spec: SourceSpec, required: list[str], what: str) -> ray.data.Dataset:
