@@ -95,6 +95,15 @@ def _build(cls, config: dict):
         raise ArtifactError(f"{cls.__name__} arguments {sorted(config)} do not fit this adrec version ({error}); re-export the model") from None
 
 
+def _load_weights(module: torch.nn.Module, path: Path) -> None:
+    """``path``'s safetensors into ``module``; weights of another layout (an older adrec's) are an ArtifactError."""
+    try:
+        module.load_state_dict(load_file(path))
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise ArtifactError(f"{path.name} does not fit this adrec version's {type(module).__name__} ({first}); re-export the model") from None
+
+
 def _tower_from(config: dict) -> EmbeddingMLPTower:
     return _build(EmbeddingMLPTower, config)
 
@@ -229,7 +238,7 @@ def load_ranker(directory: str | Path) -> DCNRanker | None:
     if not (directory / "ranker.json").is_file():
         return None
     ranker = _build(DCNRanker, json.loads((directory / "ranker.json").read_text()))
-    ranker.load_state_dict(load_file(directory / "ranker.safetensors"))
+    _load_weights(ranker, directory / "ranker.safetensors")
     return ranker.eval()
 
 
@@ -237,7 +246,7 @@ def load_tower(directory: str | Path, name: str) -> EmbeddingMLPTower:
     """Load ``name`` (user_encoder or ad_encoder) from an exported, already verified model directory."""
     directory = Path(directory)
     tower = _tower_from(json.loads((directory / f"{name}.json").read_text()))
-    tower.load_state_dict(load_file(directory / f"{name}.safetensors"))
+    _load_weights(tower, directory / f"{name}.safetensors")
     return tower.eval()
 
 

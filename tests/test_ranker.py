@@ -142,3 +142,21 @@ def test_training_steps_add_the_wide_parts_l2_and_it_shrinks_the_logistic_regres
         assert float(regularization(model)) == pytest.approx(l2 / 256 * norms[l2])
     assert norms[50.0] < 0.5 * norms[0.0]
     assert regularization(torch.nn.Linear(2, 1)) == 0.0  # a model without a penalty adds nothing
+
+
+def test_an_exported_ranker_of_another_layout_is_refused_with_what_to_do(tmp_path):
+    from safetensors.torch import save_file
+
+    from adrec.registry import ArtifactError, load_ranker, save_ranker
+
+    model = ranker().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+    save_ranker(model, tmp_path)
+    assert torch.allclose(load_ranker(tmp_path)(batch()), model(batch()))  # the round trip holds
+    linear_only = ranker(deep=False)  # weights of another layout beside this config
+
+    save_file(linear_only.state_dict(), tmp_path / "ranker.safetensors")
+    with pytest.raises(ArtifactError, match=r"ranker\.safetensors does not fit this adrec version's DCNRanker .*re-export the model"):
+        load_ranker(tmp_path)
