@@ -64,7 +64,8 @@ def test_at_initialisation_the_ranker_is_the_logistic_regression_it_contains():
 
 
 def test_the_wide_part_alone_fits_scikit_learns_logistic_regression():
-    sklearn = pytest.importorskip("sklearn.linear_model")
+    from sklearn.linear_model import LogisticRegression
+
     features = batch(rows=400, seed=1)
     truth = torch.tensor([0.0, 0.8, -0.5, 0.3, -1.0, 0.6, 0.0, 0.4, -0.4, 0.2, 1.0])
     labels = torch.bernoulli(torch.sigmoid(one_hot_design(features) @ truth - 0.5), generator=torch.Generator().manual_seed(2))
@@ -80,7 +81,7 @@ def test_the_wide_part_alone_fits_scikit_learns_logistic_regression():
         return loss
 
     optimizer.step(objective)
-    reference = sklearn.LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(one_hot_design(features).numpy(), labels.numpy())
+    reference = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(one_hot_design(features).numpy(), labels.numpy())
     ours = model(features).detach().numpy()
     assert np.allclose(ours, reference.decision_function(one_hot_design(features).numpy()), atol=2e-3)
 
