@@ -161,3 +161,17 @@ def test_an_exported_ranker_of_another_layout_is_refused_with_what_to_do(tmp_pat
     save_file(linear_only.state_dict(), tmp_path / "ranker.safetensors")
     with pytest.raises(ArtifactError, match=r"ranker\.safetensors does not fit this adrec version's DCNRanker .*re-export the model"):
         load_ranker(tmp_path)
+
+
+def test_ids_rarer_than_deep_min_count_read_the_oov_row_of_a_full_size_table():
+    torch.manual_seed(0)
+    model = ranker(deep_rows={"site": 3}).eval()
+    assert model.embeddings["site"].num_embeddings == CATEGORICAL["site"]  # grow-only warm starts load every row
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+    rows = batch(rows=3)
+    rare, oov, kept = ({**rows, "site": torch.full((3,), site)} for site in (4, 1, 2))
+    assert torch.allclose(model._deep_logit(rare), model._deep_logit(oov))  # id 4 >= 3 rows: OOV in the deep part
+    assert not torch.allclose(model._deep_logit(kept), model._deep_logit(oov))
+    assert not torch.allclose(model.wide(rare), model.wide(oov))  # the wide part keeps every id

@@ -141,11 +141,13 @@ class DCNRanker(nn.Module):
         self.bag_names = list(bags)
         self.wide = WideLinear(categorical, dense) if wide else None
         self.wide_l2, self.training_rows = wide_l2, training_rows
-        # The deep part's tables keep the first deep_rows[name] ids (the most frequent values:
-        # vocabularies are in count order); later, rarer ids read as OOV there, never in the wide part.
+        # The deep part reads the first deep_rows[name] ids (the most frequent values: vocabularies
+        # are in count order); later, rarer ids read as OOV there, never in the wide part. Its
+        # tables keep every row all the same, so a retrained ranker's tables only grow (warm starts
+        # load the champion's rows) whatever the new window counted.
         self.deep_rows = {n: min(deep_rows.get(n, c), c) for n, c in categorical.items()} if deep_rows else dict(categorical)
         if deep:
-            self._build_deep(self.deep_rows, bags, embedding_dim, cross_layers, hidden_dims, dropout)
+            self._build_deep(categorical, bags, embedding_dim, cross_layers, hidden_dims, dropout)
             self.dense_norm = nn.BatchNorm1d(len(dense)) if dense_norm and dense else None
             if wide:  # the deep part adds to the logistic regression, from exactly nothing at init
                 nn.init.zeros_(self.deep[-1].weight)
@@ -219,11 +221,14 @@ def training_rows(feature_map: FeatureMap) -> int:
 
 
 def deep_table_rows(feature_map: FeatureMap, names: list[str], min_count: int) -> dict[str, int]:
-    """{name: rows of its deep table} for the vocabulary features of ``names`` with values seen fewer
+    """{name: ids its deep part reads} for the vocabulary features of ``names`` with values seen fewer
     than ``min_count`` times in training: PAD, OOV and the values before the first rarer one. A
     vocabulary lists its values most frequent first, so these are the values seen that often (a
-    vocabulary grown for retraining appends its new values, and the prefix stops at the first rare one)."""
+    vocabulary grown for retraining appends its new values, and the prefix stops at the first rare one).
+    ``min_count`` <= 1 cuts nothing: a grown vocabulary's old values, unseen in a retraining window, stay read."""
     rows = {}
+    if min_count <= 1:
+        return rows
     for name in names:
         spec = feature_map.spec(name)
         counts = feature_map.vocabularies[spec.vocabulary].counts if spec.vocabulary else None
