@@ -356,6 +356,9 @@ def known_ads(tiny_run) -> list[str]:
     return pq.read_table(Path(tiny_run["cfg"].paths.raw_dir) / "ads", columns=["ad_id"])["ad_id"].to_pylist()
 
 
+ENOUGH_REQUESTS = 40  # what a Load answers at least before it stops; tests assert more than 20 succeeded
+
+
 class Load:
     """Closed-loop /recommend traffic from ``clients`` threads, counting every non-2xx answer or error."""
 
@@ -384,7 +387,11 @@ class Load:
         return self
 
     def __exit__(self, *exc) -> None:
+        # At least a second more, and enough answers to count on a loaded machine (30 s at most).
+        deadline = time.monotonic() + 30
         time.sleep(1.0)
+        while self.ok + len(self.failed) < ENOUGH_REQUESTS and time.monotonic() < deadline:
+            time.sleep(0.1)
         self.stop.set()
         for thread in self.threads:
             thread.join()
