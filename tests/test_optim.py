@@ -58,9 +58,19 @@ def test_embedding_tables_and_dense_weights_take_their_own_l2():
     assert tables_only.lr == pytest.approx(0.05)
 
 
-def test_embedding_l2_with_sparse_tables_is_an_error_naming_the_options():
-    with pytest.raises(ValueError, match="sparse_embeddings"):
-        build_optimizer(tower(sparse=True), lr=0.1, weight_decay=0.0, embedding_l2=0.01)
+def test_sparse_tables_take_the_embedding_l2_on_the_rows_a_batch_touched():
+    # On the rows a batch touched, a sparse table's step (L2 included) is a dense table's; the rows
+    # it did not touch stay put, where a dense table decays them too.
+    dense, sparse = tower(sparse=False), tower(sparse=True)
+    for model in (dense, sparse):
+        optimizer = build_optimizer(model, lr=0.01, weight_decay=0.0, embedding_l2=0.5)
+        model(batch()).sum().backward()
+        optimizer.step()
+    rows = torch.tensor([3, 7])
+    assert torch.allclose(dense.embeddings["ad_id"].weight[rows], sparse.embeddings["ad_id"].weight[rows], atol=1e-6)
+    untouched = torch.tensor([0, 4, 99_999])
+    assert torch.equal(sparse.embeddings["ad_id"].weight[untouched], tower(sparse=True).embeddings["ad_id"].weight[untouched])
+    assert not torch.equal(dense.embeddings["ad_id"].weight[untouched], tower(sparse=False).embeddings["ad_id"].weight[untouched])
 
 
 def test_optimizer_state_round_trips_and_rejects_a_different_layout():

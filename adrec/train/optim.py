@@ -28,10 +28,10 @@ def sparse_parameters(model: nn.Module) -> set[int]:
 class SparseDenseAdam:
     """Adam for dense parameters plus SparseAdam for sparse id tables, stepped together.
 
-    ``weight_decay`` is the L2 of dense weights, ``embedding_l2`` that of dense id tables (Adam's
-    coupled L2: the gradient of (l2 / 2) * ||w||^2 added to each step's). SparseAdam has no weight
-    decay: decaying a row would need a dense pass over the table, which is what sparse updates
-    avoid, so sparse tables take no L2 (``embedding_l2`` > 0 with one is an error).
+    ``weight_decay`` is the L2 of dense weights, ``embedding_l2`` that of id tables (Adam's coupled
+    L2: the gradient of (l2 / 2) * ||w||^2 added to each step's). A dense table takes it on every
+    row each step; a sparse table on the rows the batch touched (decaying the others would need a
+    dense pass over the table, which sparse updates avoid), as FBGEMM's row-wise weight decay does.
     """
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, embedding_l2: float = 0.0) -> None:
@@ -41,13 +41,9 @@ class SparseDenseAdam:
         dense = [p for p in params if id(p) not in table_ids]
         tables = [p for p in params if id(p) in table_ids and id(p) not in sparse_ids]
         sparse = [p for p in params if id(p) in sparse_ids]
-        if sparse and embedding_l2:
-            raise ValueError(
-                "trainer.embedding_l2 > 0 with sparse id tables: SparseAdam updates only the rows a batch touches "
-                "and has no L2; set model.sparse_embeddings=false or trainer.embedding_l2=0"
-            )
         groups = [{"params": dense, "weight_decay": weight_decay}, {"params": tables, "weight_decay": embedding_l2}]
         self.optimizers: dict[str, torch.optim.Optimizer] = {"dense": torch.optim.Adam([g for g in groups if g["params"]], lr=lr)}
+        self.sparse, self.embedding_l2 = sparse, embedding_l2
         if sparse:
             self.optimizers["sparse"] = torch.optim.SparseAdam(sparse, lr=lr)
 
@@ -67,8 +63,22 @@ class SparseDenseAdam:
             optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
+        if self.embedding_l2:
+            self._add_touched_rows_l2()
         for optimizer in self.optimizers.values():
             optimizer.step()
+
+    @torch.no_grad()
+    def _add_touched_rows_l2(self) -> None:
+        """Add embedding_l2 * w to each sparse gradient's rows (the rows its batch touched)."""
+        for table in self.sparse:
+            if table.grad is None:
+                continue
+            grad = table.grad.coalesce()
+            rows = grad.indices()[0]
+            values = grad.values() + self.embedding_l2 * table[rows]
+            # The indices are the coalesced gradient's own: valid and unique, so no check or sort is needed.
+            table.grad = torch.sparse_coo_tensor(grad.indices(), values, grad.shape, check_invariants=False, is_coalesced=True)
 
     def state_dict(self) -> dict:
         return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
