@@ -26,13 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.compute as pc
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from adrec.eval.evaluate import UserRankingTask, user_queries
+from adrec.eval.evaluate import user_retrieval
 from adrec.features import FeatureMap
 from adrec.inference import embed, to_features
 from adrec.models import build_model
@@ -44,17 +44,12 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def test_ranking(model, feature_map: FeatureMap, prepared: Path, k: int) -> dict[str, float]:
-    """Recall@k and NDCG@k on the test split, the pipeline's user protocol (adrec.eval.evaluate.user_retrieval)."""
+    """Recall@k and NDCG@k on the test split, by the pipeline's own user protocol (user_retrieval)."""
     catalog = pq.read_table(prepared / "ads.parquet")
-    task = UserRankingTask.from_prepared(prepared, catalog["raw_ad_id"].combine_chunks())
-    test = pq.read_table(prepared / "test")
-    test = test.take(pc.sort_indices(test, [("user_key", "ascending")]))
-    train = pq.read_table(prepared / "train", columns=["user_key", "raw_ad_id", "label", "ts"])
     model.eval()
     with torch.no_grad():
-        user = user_queries(model, feature_map, test, train, task.users, catalog).numpy()
         ads = embed(model.ad_tower, catalog).numpy()
-    metrics = task.metrics(lambda rows: user[rows] @ ads.T, [k])
+        metrics = user_retrieval(model, feature_map, prepared, catalog, ads, np.zeros(len(ads)), [k], limit=None)
     return {f"recall@{k}": metrics[f"recall@{k}"], f"ndcg@{k}": metrics[f"ndcg@{k}"]}
 
 
